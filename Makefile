@@ -1,0 +1,30 @@
+# `make test` and `make demo` build .venv from scratch on a fresh machine (Python 3.11).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench venv clean
+
+$(STAMP): setup.py requirements/cpu.txt
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) tools/demo_synthetic.py --save runs/demo/checkpoint --report runs/demo/report.json
+
+bench: $(STAMP)
+	$(PY) tools/benchmark_step.py --model-preset tiny --micro-batch-tokens 1024
+	$(PY) tools/benchmark_step.py --model-preset small --micro-batch-tokens 2048
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,122 @@
+"""How a preset is run: precision, FP8, parallel sizes -> a megatron-core `TransformerConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_polar.model.presets import ModelPreset
+
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+@dataclass
+class FP8Config:
+    """FP8 through Transformer Engine (Hopper or newer). `format=None` means no FP8."""
+
+    format: Optional[str] = None  # "hybrid" (e4m3 forward, e5m2 backward) or "e4m3"
+    recipe: str = "delayed"
+    margin: int = 0
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"  # "max" or "most_recent"
+
+    def __post_init__(self):
+        if self.format is not None and self.format not in FP8_FORMATS:
+            raise ValueError(f"fp8 format must be one of {FP8_FORMATS}, got {self.format!r}")
+        if self.recipe not in FP8_RECIPES:
+            raise ValueError(f"fp8 recipe must be one of {FP8_RECIPES}, got {self.recipe!r}")
+        if self.amax_compute_algo not in ("max", "most_recent"):
+            raise ValueError(f"fp8 amax_compute_algo must be 'max' or 'most_recent'")
+        if self.amax_history_len < 1:
+            raise ValueError("fp8 amax_history_len must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.format is not None
+
+
+@dataclass
+class ModelRunConfig:
+    """Everything about running a preset that is not its architecture."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    bf16: bool = False
+    fp8: FP8Config = field(default_factory=FP8Config)
+    use_transformer_engine: Optional[bool] = None  # None: use TE when it imports and CUDA is up
+    recompute_granularity: Optional[str] = None  # "selective" or "full"
+    recompute_method: Optional[str] = None  # "uniform" or "block" (with full)
+    recompute_num_layers: Optional[int] = None
+    init_method_std: float = 0.02
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ValueError("parallel sizes must be >= 1")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ValueError(f"recompute_granularity must be selective or full, "
+                             f"got {self.recompute_granularity!r}")
+
+
+def build_transformer_config(preset: ModelPreset, run: ModelRunConfig,
+                             use_te: bool) -> TransformerConfig:
+    """The megatron-core config for `preset`: RMSNorm, SwiGLU (gate then up in linear_fc1),
+    RoPE, GQA, no biases, no dropout. `use_te` is the resolved layer-spec choice."""
+    on_gpu = torch.cuda.is_available()
+    fp8 = run.fp8
+    fp8_kwargs = {}
+    if fp8.enabled:
+        fp8_kwargs = dict(fp8=fp8.format, fp8_recipe=fp8.recipe, fp8_margin=fp8.margin,
+                          fp8_amax_history_len=fp8.amax_history_len,
+                          fp8_amax_compute_algo=fp8.amax_compute_algo)
+    return TransformerConfig(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.num_query_groups,
+        ffn_hidden_size=preset.ffn_hidden_size,
+        kv_channels=preset.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=preset.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=run.init_method_std,
+        tensor_model_parallel_size=run.tensor_model_parallel_size,
+        pipeline_model_parallel_size=run.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=run.virtual_pipeline_model_parallel_size,
+        sequence_parallel=run.sequence_parallel,
+        bf16=run.bf16,
+        params_dtype=torch.bfloat16 if run.bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if run.bf16 else torch.float32,
+        # The reward head reads one token per sequence; the loss is per pair, normalised by
+        # the global pair count (megatron's per-token path with pairs as "tokens").
+        calculate_per_token_loss=True,
+        recompute_granularity=run.recompute_granularity,
+        recompute_method=run.recompute_method,
+        recompute_num_layers=run.recompute_num_layers,
+        # Fused kernels come from TE/apex on GPU; the CPU path uses plain torch ops.
+        use_cpu_initialization=not on_gpu,
+        gradient_accumulation_fusion=use_te and on_gpu,
+        bias_activation_fusion=use_te and on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=use_te and on_gpu,
+        persist_layer_norm=False,
+        # gloo matches point-to-point messages between two ranks in posting order; a batched
+        # send/recv of an activation and a gradient of one shape can pair up crosswise under the
+        # interleaved schedule. Megatron's unbatched even/odd ordering is exact on gloo.
+        batch_p2p_comm=on_gpu,
+        **fp8_kwargs,
+    )

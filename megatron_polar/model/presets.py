@@ -1,0 +1,115 @@
+"""Model presets as data: the InternLM2/2.5 shapes POLAR reward models are built on.
+
+A preset holds only architecture facts (what `config.json` of an HF InternLM2 checkpoint holds);
+how the model is run (precision, parallelism, FP8) lives in `ModelRunConfig` in `config.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """HF `rope_scaling`. InternLM2 uses "dynamic" NTK scaling, which changes the RoPE base only
+    for sequences longer than `max_position_embeddings`; below that, plain RoPE is exact."""
+
+    type: str = "dynamic"
+    factor: float = 2.0
+
+    def __post_init__(self):
+        if self.type not in ("dynamic",):
+            raise ValueError(f"rope_scaling.type {self.type!r} is not supported (only 'dynamic')")
+        if self.factor < 1.0:
+            raise ValueError(f"rope_scaling.factor must be >= 1, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Architecture of an InternLM2-style decoder used as a POLAR reward model."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int  # key/value heads (GQA)
+    ffn_hidden_size: int
+    vocab_size: int
+    rotary_base: float = 1_000_000.0
+    rope_scaling: Optional[RopeScaling] = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 32768
+    norm_epsilon: float = 1e-5
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 2
+    reward_token_id: int = 92527
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                     "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"preset {self.name}: {name} must be positive")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"preset {self.name}: hidden_size not divisible by attention heads")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"preset {self.name}: attention heads not divisible by KV heads")
+        if not 0 <= self.reward_token_id < self.vocab_size:
+            raise ValueError(f"preset {self.name}: reward_token_id {self.reward_token_id} "
+                             f"outside vocab of {self.vocab_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_parameters(self, with_head: bool = True) -> int:
+        """Parameter count (embeddings, layers, final norm, reward head; no LM head)."""
+        h, kv = self.hidden_size, self.num_query_groups * self.head_dim
+        attn = h * (h + 2 * kv) + h * h
+        mlp = 3 * h * self.ffn_hidden_size
+        layer = attn + mlp + 2 * h
+        return self.vocab_size * h + self.num_layers * layer + h + (h if with_head else 0)
+
+    def replace(self, **changes) -> "ModelPreset":
+        return dataclasses.replace(self, **changes)
+
+
+_INTERNLM2_5_1_8B = ModelPreset(
+    name="internlm2_5-1_8b", num_layers=24, hidden_size=2048, num_attention_heads=16,
+    num_query_groups=8, ffn_hidden_size=8192, vocab_size=92544,
+)
+_INTERNLM2_5_7B = ModelPreset(
+    name="internlm2_5-7b", num_layers=32, hidden_size=4096, num_attention_heads=32,
+    num_query_groups=8, ffn_hidden_size=14336, vocab_size=92544,
+)
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        _INTERNLM2_5_1_8B,
+        _INTERNLM2_5_7B,
+        # The released POLAR-7B keeps the 7B shape but uses the long-context RoPE settings.
+        _INTERNLM2_5_7B.replace(name="polar-7b", rotary_base=50_000_000.0,
+                                max_position_embeddings=262144),
+        _INTERNLM2_5_1_8B.replace(name="polar-1_8b"),
+        # Tiny shapes for tests and the CPU demo. GQA (4 heads, 2 KV heads) so TP=2 splits groups.
+        ModelPreset(name="tiny", num_layers=4, hidden_size=64, num_attention_heads=4,
+                    num_query_groups=2, ffn_hidden_size=176, vocab_size=512,
+                    max_position_embeddings=4096, reward_token_id=511),
+        ModelPreset(name="tiny-2l", num_layers=2, hidden_size=32, num_attention_heads=4,
+                    num_query_groups=2, ffn_hidden_size=96, vocab_size=256,
+                    max_position_embeddings=4096, reward_token_id=255),
+        ModelPreset(name="small", num_layers=8, hidden_size=256, num_attention_heads=8,
+                    num_query_groups=4, ffn_hidden_size=704, vocab_size=8192,
+                    max_position_embeddings=8192, reward_token_id=8191),
+    )
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    """Look up a preset by name, with the list of known names in the error."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None

@@ -1,0 +1,70 @@
+"""The POLAR objective: Bradley-Terry over (s+, s-) pairs, loss = -log sigmoid(r+ - r-).
+
+The loss function follows megatron's per-token-loss contract with *pairs* as the "tokens":
+it returns the summed loss of a micro-batch and its pair count; megatron's schedules add the
+counts over micro-batches, `finalize_model_grads` all-reduces them over data-parallel ranks and
+divides the gradients by the total. So the step's gradient is exactly that of the mean loss over
+the global batch, whatever the split of pairs across micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron_polar.model.reward_model import rewards_at
+
+# Order of the per-micro-batch sums returned under "pair_stats".
+_STATS = ("loss", "correct", "chosen", "rejected", "margin", "pairs")
+
+
+def pairwise_loss(reward_positions: torch.Tensor, token_scores: torch.Tensor):
+    """megatron loss_func: (summed loss, pair count, {"pair_stats": sums}) for one micro-batch.
+
+    `reward_positions` lists s+_0, s-_0, s+_1, s-_1, ... so chosen/rejected alternate.
+    """
+    rewards = rewards_at(token_scores, reward_positions.to(token_scores.device))
+    chosen, rejected = rewards[0::2], rewards[1::2]
+    margin = chosen - rejected
+    loss = -F.logsigmoid(margin).sum()
+    num_pairs = margin.numel()
+    stats = torch.stack([
+        loss.detach(), (margin > 0).sum().float(), chosen.detach().sum(),
+        rejected.detach().sum(), margin.detach().sum(),
+        torch.tensor(float(num_pairs), device=loss.device),
+    ])
+    count = torch.tensor(num_pairs, dtype=torch.int, device=loss.device)
+    return loss, count, {"pair_stats": stats}
+
+
+@dataclass
+class PairMetrics:
+    """Means over every pair of a global batch."""
+
+    loss: float
+    accuracy: float
+    reward_chosen: float
+    reward_rejected: float
+    margin: float
+    num_pairs: int
+
+    @classmethod
+    def from_sums(cls, sums: torch.Tensor) -> "PairMetrics":
+        s = dict(zip(_STATS, sums.tolist()))
+        n = max(s["pairs"], 1.0)
+        return cls(loss=s["loss"] / n, accuracy=s["correct"] / n, reward_chosen=s["chosen"] / n,
+                   reward_rejected=s["rejected"] / n, margin=s["margin"] / n,
+                   num_pairs=int(s["pairs"]))
+
+
+def reduce_pair_stats(outputs: list[dict], group) -> PairMetrics:
+    """Sum the micro-batch stats of this rank, then over `group` (data-parallel ranks)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sums = torch.zeros(len(_STATS), dtype=torch.float64, device=device)
+    for out in outputs:
+        sums += out["pair_stats"].to(device=device, dtype=torch.float64)
+    if group is not None and torch.distributed.is_initialized() and group.size() > 1:
+        torch.distributed.all_reduce(sums, group=group)
+    return PairMetrics.from_sums(sums)

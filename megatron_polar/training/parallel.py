@@ -1,0 +1,95 @@
+"""Process groups: torch.distributed + megatron-core model-parallel groups, NCCL or gloo.
+
+The only place that reads megatron's `parallel_state`; everything downstream receives the
+resulting `ProcessGroupCollection` explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_polar.model.config import ModelRunConfig
+from megatron_polar.training.cpu_backend import enable_cpu_backend
+
+
+@dataclass
+class ParallelContext:
+    """This rank's place in the TP x PP x DP layout, with its process groups."""
+
+    pg: ProcessGroupCollection
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    vp_size: int | None
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def pp_last_global_rank(self) -> int:
+        return torch.distributed.get_process_group_ranks(self.pg.pp)[-1]
+
+
+def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> ParallelContext:
+    """Initialise torch.distributed (env:// rendezvous, as torchrun sets it) and megatron's
+    model-parallel groups; seed the RNGs. On a machine without CUDA this uses gloo and
+    switches on the CPU backend."""
+    on_cpu = enable_cpu_backend()
+    if not torch.distributed.is_initialized():
+        for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                             ("MASTER_PORT", "29500")):
+            os.environ.setdefault(var, default)
+        if not on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend="gloo" if on_cpu else "nccl",
+            timeout=datetime.timedelta(minutes=timeout_minutes))
+    world = torch.distributed.get_world_size()
+    model_parallel = run.tensor_model_parallel_size * run.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(f"world size {world} is not divisible by TP x PP = {model_parallel}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=run.tensor_model_parallel_size,
+        pipeline_model_parallel_size=run.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=run.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    ctx = ParallelContext(
+        pg=pg, tp_rank=pg.tp.rank(), tp_size=pg.tp.size(), pp_rank=pg.pp.rank(),
+        pp_size=pg.pp.size(), dp_rank=pg.dp.rank(), dp_size=pg.dp.size(),
+        vp_size=run.virtual_pipeline_model_parallel_size)
+    seed_everything(run.seed, ctx)
+    return ctx
+
+
+def seed_everything(seed: int, ctx: ParallelContext) -> None:
+    """Same init on every data-parallel replica; per-stage and per-TP-rank streams as Megatron-LM."""
+    import random
+
+    import numpy as np
+
+    stage_seed = seed + 100 * ctx.pp_rank
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def destroy_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

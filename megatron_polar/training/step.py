@@ -1,0 +1,230 @@
+"""The step API the trainer builds on: model chunks for this pipeline stage, megatron DDP,
+megatron optimizer, and one training step through megatron's forward-backward schedules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
+from megatron.core.enums import ModelType
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from megatron_polar.data.packing import PackedMicroBatch, PaddedBatch
+from megatron_polar.model.config import ModelRunConfig, build_transformer_config
+from megatron_polar.model.presets import ModelPreset
+from megatron_polar.model.reward_model import PolarRewardModel, keep_reward_head_fp32, rewards_at
+from megatron_polar.model.spec import build_layer_spec, resolve_use_te
+from megatron_polar.training.objective import PairMetrics, pairwise_loss, reduce_pair_stats
+from megatron_polar.training.parallel import ParallelContext
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def build_model_chunks(
+    preset: ModelPreset,
+    run: ModelRunConfig,
+    ctx: ParallelContext,
+    ddp_config: Optional[DistributedDataParallelConfig] = None,
+    zero_init_head: bool = False,
+) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), wrapped in megatron DDP.
+
+    Pass `ddp_config=None` for a DDP with defaults; training configs set overlap and the
+    distributed optimizer there.
+    """
+    use_te = resolve_use_te(run)
+    config = build_transformer_config(preset, run, use_te)
+    spec = build_layer_spec(use_te)
+    from megatron.core import parallel_state
+
+    chunks = []
+    for vp_stage in range(run.virtual_pipeline_model_parallel_size or 1):
+        stage = vp_stage if run.virtual_pipeline_model_parallel_size else None
+        model = PolarRewardModel(
+            config, spec, preset,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage, pg_collection=ctx.pg, zero_init_head=zero_init_head)
+        model.model_type = ModelType.encoder_or_decoder
+        for param in model.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        model.to(_device())
+        if run.bf16:
+            model = Float16Module(config, model)
+            keep_reward_head_fp32(model)
+        chunks.append(model)
+
+    ddp_config = ddp_config or DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    return [
+        DistributedDataParallel(config, ddp_config, module=chunk,
+                                # Megatron-LM: only the first chunk's buckets overlap with compute.
+                                disable_bucketing=i > 0, pg_collection=ctx.pg)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def unwrap(chunk: torch.nn.Module) -> PolarRewardModel:
+    """The PolarRewardModel inside DDP / Float16Module wrappers."""
+    while not isinstance(chunk, PolarRewardModel):
+        chunk = chunk.module
+    return chunk
+
+
+def build_optimizer(chunks: list[torch.nn.Module], config: OptimizerConfig, ctx: ParallelContext):
+    """megatron's optimizer (distributed if `config.use_distributed_optimizer`), wired into the
+    model config the way Megatron-LM's trainer does (grad scaling, grad finalisation, no_sync)."""
+    optimizer = get_megatron_optimizer(config, chunks, pg_collection=None)
+    model_config = unwrap(chunks[0]).config
+    model_config.grad_scale_func = optimizer.scale_loss
+    model_config.finalize_model_grads_func = finalize_model_grads
+    if len(chunks) == 1:
+        model_config.no_sync_func = chunks[0].no_sync
+    else:
+        model_config.no_sync_func = [c.no_sync for c in chunks]
+    if chunks[0].ddp_config.overlap_grad_reduce:
+        model_config.grad_sync_func = [c.start_grad_sync for c in chunks]
+        if len(chunks) == 1:
+            model_config.grad_sync_func = model_config.grad_sync_func[0]
+    if chunks[0].ddp_config.overlap_param_gather and chunks[0].ddp_config.align_param_gather:
+        model_config.param_sync_func = [c.start_param_sync for c in chunks]
+        if len(chunks) == 1:
+            model_config.param_sync_func = model_config.param_sync_func[0]
+    return optimizer
+
+
+@dataclass
+class StepResult:
+    metrics: PairMetrics
+    grad_norm: Optional[float]
+    update_successful: bool
+    num_tokens: int  # real tokens this DP rank consumed (all micro-batches)
+
+
+def _pair_forward_step(data_iterator, model):
+    batch: PackedMicroBatch = next(data_iterator)
+    device = _device()
+    scores = model(batch.tokens.to(device), batch.position_ids.to(device), None,
+                   packed_seq_params=batch.to(device).packed_seq_params())
+    return scores, partial(pairwise_loss, batch.reward_positions)
+
+
+def _broadcast_metrics(metrics_sums: Optional[PairMetrics], ctx: ParallelContext) -> PairMetrics:
+    """Metrics live on the last pipeline stage; give every rank the same values."""
+    vals = torch.zeros(6, dtype=torch.float64, device=_device())
+    if metrics_sums is not None:
+        m = metrics_sums
+        vals = torch.tensor([m.loss, m.accuracy, m.reward_chosen, m.reward_rejected, m.margin,
+                             m.num_pairs], dtype=torch.float64, device=_device())
+    if ctx.pp_size > 1:
+        torch.distributed.broadcast(vals, src=ctx.pp_last_global_rank, group=ctx.pg.pp)
+    v = vals.tolist()
+    return PairMetrics(v[0], v[1], v[2], v[3], v[4], int(v[5]))
+
+
+def _run_schedule(chunks, micro_batches: Sequence[PackedMicroBatch], forward_only: bool, ctx):
+    if not micro_batches:
+        raise ValueError("a step needs at least one micro-batch on every data-parallel rank")
+    seq_length = micro_batches[0].tokens.shape[1]
+    if any(mb.tokens.shape[1] != seq_length for mb in micro_batches):
+        raise ValueError("all micro-batches of a step must share one packed length")
+    iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
+    return get_forward_backward_func()(
+        forward_step_func=_pair_forward_step,
+        data_iterator=iterators,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+
+
+def train_step(chunks, optimizer, micro_batches: Sequence[PackedMicroBatch],
+               ctx: ParallelContext, scheduler=None) -> StepResult:
+    """One optimizer step over this DP rank's packed micro-batches (the global batch is the union
+    over DP ranks). Every PP/TP rank of a DP replica passes the same micro-batches."""
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = _run_schedule(chunks, micro_batches, forward_only=False, ctx=ctx)
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful and scheduler is not None:
+        scheduler.step(increment=1)
+    local = reduce_pair_stats(outputs, ctx.pg.dp) if ctx.is_last_stage else None
+    return StepResult(
+        metrics=_broadcast_metrics(local, ctx),
+        grad_norm=None if grad_norm is None else float(grad_norm),
+        update_successful=bool(update_successful),
+        num_tokens=sum(mb.num_tokens for mb in micro_batches),
+    )
+
+
+@torch.no_grad()
+def evaluate_pairs(chunks, micro_batches: Sequence[PackedMicroBatch], ctx) -> PairMetrics:
+    """Loss and accuracy over packed pairs, forward only (validation)."""
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        outputs = _run_schedule(chunks, micro_batches, forward_only=True, ctx=ctx)
+    finally:
+        for chunk in chunks:
+            chunk.train()
+    local = reduce_pair_stats(outputs, ctx.pg.dp) if ctx.is_last_stage else None
+    return _broadcast_metrics(local, ctx)
+
+
+@torch.no_grad()
+def score_packed(chunks, micro_batches: Sequence[PackedMicroBatch], ctx) -> Optional[torch.Tensor]:
+    """Rewards of every sequence in the packs (s+_0, s-_0, ...), concatenated; on the last
+    pipeline stage, None elsewhere. Forward only, through megatron's schedules."""
+    collected: list[torch.Tensor] = []
+
+    def collect(positions, token_scores):
+        collected.append(rewards_at(token_scores, positions.to(token_scores.device)).cpu())
+        zero = token_scores.sum() * 0
+        return zero, torch.tensor(1, dtype=torch.int), {}
+
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        scores, _ = _pair_forward_step(iter([batch]), model)
+        return scores, partial(collect, batch.reward_positions)
+
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
+        get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iterators,
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1],
+            micro_batch_size=1, forward_only=True)
+    finally:
+        for chunk in chunks:
+            chunk.train()
+    return torch.cat(collected) if ctx.is_last_stage else None
+
+
+@torch.no_grad()
+def score_padded(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
+    """Rewards of right-padded sequences, one per row, with a single-stage model (no PP)."""
+    core = unwrap(model)
+    if not (core.pre_process and core.post_process):
+        raise ValueError("score_padded needs the whole model on one stage; use score_packed with PP")
+    device = _device()
+    was_training = model.training
+    model.eval()
+    try:
+        scores = model(batch.tokens.to(device), batch.position_ids.to(device), None)
+    finally:
+        model.train(was_training)
+    return rewards_at(scores, batch.reward_positions.to(scores.device)).cpu()

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_polar",
+    version="0.1.0",
+    description="Pre-train, fine-tune, export and serve POLAR reward models on megatron-core",
+    packages=find_packages(include=["megatron_polar", "megatron_polar.*"]),
+    python_requires=">=3.10",
+    # torch is pinned per machine: requirements/cpu.txt (torch==2.13.0) on CPU boxes, the NGC
+    # container's CUDA build on clusters. A bare requirement here would pull a CUDA wheel.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "sentencepiece",
+        "psutil",  # megatron's dist_checkpointing needs it
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "hf": ["transformers", "safetensors", "tokenizers"],
+        "serve": ["nvidia-pytriton"],
+        # NGC PyTorch containers ship both; listed for bare-metal GPU installs.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+)
