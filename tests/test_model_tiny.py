@@ -119,3 +119,37 @@ def test_per_sequence_attention_equals_dense_block_mask():
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, enable_gqa=True, scale=d ** -0.5)
     assert torch.allclose(out, dense[0].transpose(0, 1).reshape(t, -1), atol=1e-6)
+
+
+def test_flex_document_mask_equals_dense_block_mask():
+    """The CUDA path's flex_attention mask (run by flex's eager reference here)."""
+    from megatron_polar.model.attention import _flex_document_attention
+
+    torch.manual_seed(1)
+    t, heads, groups, d = 40, 4, 2, 16
+    q, k, v = torch.randn(1, heads, t, d), torch.randn(1, groups, t, d), torch.randn(1, groups, t, d)
+    cu = torch.tensor([0, 5, 6, 14, 33], dtype=torch.int32)
+    out = _flex_document_attention(q, k, v, cu, d ** -0.5, True, compile=False)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(cu, t),
+                                           enable_gqa=True, scale=d ** -0.5)
+    assert torch.allclose(out, dense, atol=1e-5)
+
+
+def test_bf16_model_keeps_an_fp32_head_and_trains(ctx1):
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_polar.training.step import build_optimizer, train_step
+
+    preset = get_preset("tiny")
+    run = ModelRunConfig(bf16=True)
+    chunks = build_model_chunks(preset, run, ctx1)
+    model = unwrap(chunks[0])
+    assert model.output_layer.weight.dtype == torch.float32
+    assert model.decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
+    optimizer = build_optimizer(chunks, OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True,
+                                                        params_dtype=torch.bfloat16), ctx1)
+    packs = pack_pairs(fixed_pairs(4), 256, preset.pad_token_id)
+    before = model.output_layer.weight.detach().clone()
+    result = train_step(chunks, optimizer, packs, ctx1)
+    assert result.update_successful and torch.isfinite(torch.tensor(result.metrics.loss))
+    assert not torch.equal(before, model.output_layer.weight.detach())

@@ -1,16 +1,20 @@
 """The command-line tools, end to end, as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# As a user runs them: no torchrun variables (the test process has its own group's).
+ENV = {k: v for k, v in os.environ.items()
+       if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
 def run_tool(*args, timeout=300):
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -35,6 +39,7 @@ def test_demo_trains_and_saves_a_checkpoint(tmp_path):
 
 def test_fp8_request_on_cpu_fails_clearly():
     proc = subprocess.run([sys.executable, "tools/benchmark_step.py", "--fp8-format", "hybrid",
-                           "--steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=ENV)
     assert proc.returncode != 0
     assert "FP8 (hybrid) needs Transformer Engine" in proc.stderr

@@ -128,20 +128,30 @@ class PackedCoreAttention(MegatronModule):
 
 
 _FLEX = None
+_FLEX_BLOCK = 128  # flex_attention's block size; lengths are padded to a multiple of it
 
 
-def _flex_document_attention(q, k, v, cu_seqlens, scale, gqa):
-    """Block-sparse causal document attention with torch's flex_attention (CUDA path)."""
+def _flex_document_attention(q, k, v, cu_seqlens, scale, gqa, compile: bool = True):
+    """Block-sparse causal document attention with torch's flex_attention (CUDA path).
+
+    q [1, np, t, hn], k/v [1, ng, t, hn]. `compile=False` runs flex's eager reference, which
+    the CPU tests use to check the mask.
+    """
     global _FLEX
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if _FLEX is None:
+    if compile and _FLEX is None:
         _FLEX = torch.compile(flex_attention, dynamic=False)
+    attend = _FLEX if compile else flex_attention
     total = q.shape[2]
-    doc = document_ids(cu_seqlens, total)
+    padded = -(-total // _FLEX_BLOCK) * _FLEX_BLOCK
+    if padded != total:  # partial blocks are not handled by every flex backend
+        q, k, v = (F.pad(x, (0, 0, 0, padded - total)) for x in (q, k, v))
+    doc = document_ids(cu_seqlens, padded)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
 
-    block_mask = create_block_mask(mask_mod, None, None, total, total, device=q.device)
-    return _FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    block_mask = create_block_mask(mask_mod, None, None, padded, padded, device=q.device)
+    out = attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    return out[:, :, :total]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -46,9 +47,9 @@ def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> Paral
     switches on the CPU backend."""
     on_cpu = enable_cpu_backend()
     if not torch.distributed.is_initialized():
-        for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                             ("MASTER_PORT", "29500")):
-            os.environ.setdefault(var, default)
+        if "WORLD_SIZE" not in os.environ:  # a plain `python tool.py`: a group of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(
@@ -73,6 +74,12 @@ def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> Paral
         vp_size=run.virtual_pipeline_model_parallel_size)
     seed_everything(run.seed, ctx)
     return ctx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def seed_everything(seed: int, ctx: ParallelContext) -> None:
