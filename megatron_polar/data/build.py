@@ -1,0 +1,289 @@
+"""Build indexed binary triplet datasets (megatron-core `.bin`/`.idx`) from JSONL.
+
+Each triplet is one document of two sequences, s+ then s-. Every input line is either written
+or rejected with its `file:line` and reason; without `skip_bad` the first bad line stops the
+build and nothing is left behind. Outputs are written under temporary names and renamed into
+place at the end, metadata last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from megatron_polar.data.encoding import EncodingConfig, RecordError, TripletEncoder
+from megatron_polar.data.records import (TRAJECTORY_FIELDS, TRIPLET_FIELDS, Line, count_lines,
+                                         expand_inputs, iter_lines, parse_json_object)
+from megatron_polar.data.tokenizer import PolarTokenizer
+
+FORMAT = "megatron-polar-triplets/1"
+DTYPE = np.int32  # InternLM2's 92544-token vocabulary does not fit uint16
+CHUNK_LINES = 256
+
+
+class BuildError(RuntimeError):
+    """A build that stopped; the message names the file and line."""
+
+
+@dataclass
+class BuildConfig:
+    inputs: list[str]
+    output_prefix: str
+    tokenizer: str
+    workers: int = 1
+    max_length: int = 16384
+    max_response_length: int = 4096
+    skip_bad: bool = False
+    from_trajectories: bool = False
+    seed: int = 1234
+    partitions: int = 1
+    partition_index: int = 0
+    separator_id: Optional[int] = None
+    reward_token_id: Optional[int] = None
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError("--workers must be >= 1")
+        if not 0 <= self.partition_index < self.partitions:
+            raise ValueError("--partition-index must be in [0, --partitions)")
+        if self.partitions > 1 and self.from_trajectories:
+            raise ValueError("--from-trajectories groups trajectories by prompt across the whole "
+                             "input; build it in one partition (shard the inputs by prompt instead)")
+
+
+@dataclass
+class BuildSummary:
+    read: int = 0
+    written: int = 0
+    rejected: int = 0
+    unused: int = 0  # trajectories that went into no triplet (--from-trajectories)
+    tokens: int = 0
+    seconds: float = 0.0
+    input_tokens: int = 0  # tokens of the encoded sequences, a throughput measure
+
+    def line(self) -> str:
+        unused = f" + {self.unused:,} unused trajectories" if self.unused else ""
+        return (f"read {self.read:,} lines = {self.written:,} written + {self.rejected:,} rejected"
+                f"{unused}; {self.tokens:,} tokens in {self.seconds:.1f}s")
+
+
+# ---- workers: encode chunks of records ----------------------------------------------------
+
+_ENCODER: Optional[TripletEncoder] = None
+
+
+def _init_worker(tokenizer: str, separator_id, reward_token_id, enc: EncodingConfig):
+    global _ENCODER
+    tok = PolarTokenizer(tokenizer, separator_id=separator_id, reward_token_id=reward_token_id)
+    _ENCODER = TripletEncoder(tok, enc)
+
+
+def _encode_one(record: dict) -> tuple[list[int], list[int]]:
+    for name in ("wrapper",):
+        if name in record and not isinstance(record[name], str):
+            raise RecordError(f"field '{name}' must be a string")
+    return _ENCODER.encode(record["prompt"], record["reference"], record["chosen"],
+                           record["rejected"], record.get("wrapper", "sft"))
+
+
+def _encode_chunk(items: list[tuple[str, bytes | dict]]):
+    """[(where, raw line or assembled record)] ->
+    [(where, (pos, neg), None) or (where, reason, raw line)]."""
+    out = []
+    for where, item in items:
+        try:
+            record = item if isinstance(item, dict) else parse_json_object(item, TRIPLET_FIELDS)
+            out.append((where, _encode_one(record), None))
+        except RecordError as e:
+            out.append((where, str(e), item if isinstance(item, bytes) else None))
+    return out
+
+
+# ---- trajectories -> triplets --------------------------------------------------------------
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def assemble_from_trajectories(lines: Iterable[Line], seed: int, rejected: list, used: list):
+    """Pre-training triplets from per-policy generations.
+
+    For each prompt and each policy A with two or more trajectories: reference and positive are
+    two of A's trajectories, the negative one trajectory of another policy, all chosen with a
+    generator seeded by (seed, prompt_id). Returns [(where, record)]; appends bad lines to
+    `rejected` and the origins of lines used in triplets to `used`.
+    """
+    prompts: dict[str, dict] = {}
+    for line in lines:
+        try:
+            rec = parse_json_object(line.raw, TRAJECTORY_FIELDS)
+            for name in ("prompt_id", "policy"):
+                if not isinstance(rec[name], (str, int)):
+                    raise RecordError(f"field '{name}' must be a string or an integer")
+            if not isinstance(rec["trajectory"], str) or not rec["trajectory"].strip():
+                raise RecordError("field 'trajectory' must be a non-empty string")
+        except RecordError as e:
+            rejected.append((line.where, str(e), line.raw))
+            continue
+        entry = prompts.setdefault(str(rec["prompt_id"]), {"prompt": rec["prompt"], "by_policy": {}})
+        entry["by_policy"].setdefault(str(rec["policy"]), []).append((line.where, rec["trajectory"]))
+
+    triplets = []
+    for prompt_id, entry in prompts.items():
+        rng = np.random.default_rng([seed, _stable_int(prompt_id)])
+        policies = sorted(entry["by_policy"])
+        for a in policies:
+            own = entry["by_policy"][a]
+            others = [p for p in policies if p != a]
+            if len(own) < 2 or not others:
+                continue
+            i, j = rng.choice(len(own), 2, replace=False)
+            b = others[int(rng.integers(len(others)))]
+            k = int(rng.integers(len(entry["by_policy"][b])))
+            neg_where, negative = entry["by_policy"][b][k]
+            record = {"prompt": entry["prompt"], "reference": own[i][1], "chosen": own[j][1],
+                      "rejected": negative, "wrapper": "pretrain"}
+            triplets.append((f"{own[i][0]}+{own[j][0]}+{neg_where}", record))
+            used.extend([own[i][0], own[j][0], neg_where])
+    return triplets, prompts
+
+
+# ---- the build --------------------------------------------------------------------------------
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def output_paths(prefix: str) -> dict[str, Path]:
+    return {kind: Path(f"{prefix}{suffix}") for kind, suffix in (
+        ("bin", ".bin"), ("idx", ".idx"), ("meta", ".meta.json"), ("rejected", ".rejected.jsonl"))}
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled, self.start, self.last = enabled, time.perf_counter(), 0.0
+
+    def update(self, s: BuildSummary, final: bool = False):
+        now = time.perf_counter()
+        if self.enabled and (final or now - self.last > 2.0):
+            self.last = now
+            rate = s.read / max(now - self.start, 1e-9)
+            print(f"\r[build_triplets] {s.read:,} lines  {s.written:,} written  "
+                  f"{s.rejected:,} rejected  {rate:,.0f} lines/s", end="\n" if final else "",
+                  file=sys.stderr, flush=True)
+
+
+def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
+    """Run a build; returns its summary or raises BuildError (and leaves no output)."""
+    files = expand_inputs(cfg.inputs)
+    tokenizer = PolarTokenizer(cfg.tokenizer, separator_id=cfg.separator_id,
+                               reward_token_id=cfg.reward_token_id)
+    enc = EncodingConfig(cfg.max_length, cfg.max_response_length)
+    paths = output_paths(cfg.output_prefix)
+    paths["bin"].parent.mkdir(parents=True, exist_ok=True)
+    tmp = {k: p.with_name(p.name + f".tmp{os.getpid()}") for k, p in paths.items()}
+    summary, bar, start = BuildSummary(), _Progress(progress), time.perf_counter()
+    rejected_lines: list = []
+
+    if cfg.from_trajectories:
+        used: list = []
+        lines = list(iter_lines(files))
+        items, _ = assemble_from_trajectories(lines, cfg.seed, rejected_lines, used)
+        summary.read = len(lines)
+        summary.unused = len(lines) - len(rejected_lines) - len(set(used))
+    else:
+        first, stop = 0, None
+        if cfg.partitions > 1:
+            total = count_lines(files)
+            first = total * cfg.partition_index // cfg.partitions
+            stop = total * (cfg.partition_index + 1) // cfg.partitions
+        items = ((line.where, line.raw) for line in iter_lines(files, first, stop))
+
+    builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=DTYPE)
+    rejects = open(tmp["rejected"], "w", encoding="utf-8")
+    pool = None
+    try:
+        for where, reason, raw in rejected_lines:
+            _reject(rejects, where, reason, raw, cfg.skip_bad, summary)
+        initargs = (cfg.tokenizer, cfg.separator_id, cfg.reward_token_id, enc)
+        if cfg.workers > 1:
+            pool = multiprocessing.get_context("spawn").Pool(
+                cfg.workers, initializer=_init_worker, initargs=initargs)
+            results = pool.imap(_encode_chunk, _chunks(items, CHUNK_LINES))
+        else:
+            _init_worker(*initargs)
+            results = map(_encode_chunk, _chunks(items, CHUNK_LINES))
+        for chunk in results:
+            for where, result, raw in chunk:
+                if not cfg.from_trajectories:
+                    summary.read += 1
+                if isinstance(result, str):
+                    _reject(rejects, where, result, raw, cfg.skip_bad, summary)
+                    continue
+                pos, neg = result
+                builder.add_document(np.asarray(pos + neg, dtype=DTYPE), [len(pos), len(neg)])
+                summary.written += 1
+                summary.tokens += len(pos) + len(neg)
+            bar.update(summary)
+        builder.finalize(str(tmp["idx"]))
+        rejects.close()
+        summary.seconds = time.perf_counter() - start
+        meta = {
+            "format": FORMAT,
+            "triplets": summary.written, "sequences": 2 * summary.written,
+            "tokens": summary.tokens, "input_lines": summary.read,
+            "rejected": summary.rejected, "unused_trajectories": summary.unused,
+            "tokenizer": tokenizer.identity().as_dict(), "special_ids": tokenizer.special_ids(),
+            "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(DTYPE).name,
+            "max_length": cfg.max_length, "max_response_length": cfg.max_response_length,
+            "mode": "trajectories" if cfg.from_trajectories else "triplets",
+            "partition": [cfg.partition_index, cfg.partitions], "inputs": files,
+            "command": cfg.command,
+        }
+        tmp["meta"].write_text(json.dumps(meta, indent=2))
+        for kind in ("bin", "idx", "rejected", "meta"):
+            os.replace(tmp[kind], paths[kind])
+    except BaseException:
+        rejects.close()
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    bar.update(summary, final=True)
+    return summary
+
+
+def _reject(out, where: str, reason: str, raw: Optional[bytes], skip_bad: bool,
+            summary: BuildSummary) -> None:
+    if not skip_bad:
+        raise BuildError(f"{where}: {reason} (use --skip-bad to write such lines to "
+                         "PREFIX.rejected.jsonl and go on)")
+    summary.rejected += 1
+    entry = {"where": where, "reason": reason}
+    if raw is not None:
+        entry["line"] = raw.decode("utf-8", errors="replace")
+    out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def summary_dict(summary: BuildSummary) -> dict:
+    return asdict(summary)
