@@ -25,6 +25,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) tools/benchmark_step.py --model-preset tiny --micro-batch-tokens 1024
 	$(PY) tools/benchmark_step.py --model-preset small --micro-batch-tokens 2048
+	$(PY) tools/benchmark_data.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -16,7 +16,7 @@ setup(
         "psutil",  # megatron's dist_checkpointing needs it
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "tokenizers"],
         "hf": ["transformers", "safetensors", "tokenizers"],
         "serve": ["nvidia-pytriton"],
         # NGC PyTorch containers ship both; listed for bare-metal GPU installs.

@@ -186,3 +186,14 @@ def test_from_trajectories_assembles_deterministic_triplets(tmp_path, tok_path):
     cut = pos.index(tok.separator_id)
     assert pos[:cut] == neg[:cut]  # shared prompt + reference
     assert np.all(ds.sequence_lengths > 0)
+
+
+def test_slurm_array_dry_run_builds_its_partition():
+    env = {"INPUT": "data/*.jsonl.gz", "OUTPUT": "/out/polar", "TOKENIZER": "/tok",
+           "DRY_RUN": "1", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_ID": "3",
+           "SLURM_CPUS_PER_TASK": "32", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["bash", "slurm/build_triplets_array.sh"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "--partitions 8 --partition-index 3" in out
+    assert "--output-prefix /out/polar.part3" in out and "--workers 32" in out
+    assert subprocess.run(["bash", "-n", "slurm/build_triplets_array.sh"], cwd=ROOT).returncode == 0

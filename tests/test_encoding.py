@@ -93,3 +93,27 @@ def test_unknown_wrapper_and_no_room(tok):
     enc = TripletEncoder(tok, EncodingConfig(max_length=12, max_response_length=6))
     with pytest.raises(RecordError, match="over-long record"):
         enc.encode("why", "one two three four five", "six seven eight nine", "ten apple river")
+
+
+def test_hf_tokenizer_directory(tmp_path):
+    """A Hugging Face `tokenizer.json` directory with POLAR's added tokens and config ids."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tests.tokenizer_fixture import WORDS
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>",
+                                                                  "<|reward|>"])
+    hf.train_from_iterator([" ".join(WORDS)] * 50, trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"reward_token_id": 2, "bos_token_id": 1}))
+    tok = PolarTokenizer(tmp_path)
+    assert (tok.bos_id, tok.separator_id, tok.reward_token_id) == (1, 3, 2)
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
+    pos, _ = TripletEncoder(tok).encode("why", "the cat", "a mat", "sat on")
+    assert pos[0] == 1 and pos[-1] == 2 and pos.count(3) == 1
+    assert len(tok.identity().sha256) == 64

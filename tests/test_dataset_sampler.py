@@ -1,0 +1,134 @@
+"""Reading triplet datasets: validation, blending, split, shuffles, packing sampler, exact resume."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_polar.data.build import BuildConfig, build_triplets
+from megatron_polar.data.dataset import BlendSpec, DatasetError, TripletDataset, TripletStream
+from megatron_polar.data.sampler import PackingSampler
+from megatron_polar.data.tokenizer import PolarTokenizer
+from tests.test_build_triplets import good_records, write_jsonl
+from tests.tokenizer_fixture import make_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    tok = str(make_sentencepiece(root))
+    prefixes = []
+    for name, n, seed in (("a", 120, 1), ("b", 40, 2)):
+        src = write_jsonl(root / f"{name}.jsonl", good_records(n, seed))
+        build_triplets(BuildConfig([src], str(root / name), tok), progress=False)
+        prefixes.append(str(root / name))
+    return root, tok, prefixes
+
+
+def copy_dataset(prefix, dest):
+    for suffix in (".bin", ".idx", ".meta.json", ".rejected.jsonl"):
+        shutil.copy(prefix + suffix, dest + suffix)
+    return dest
+
+
+def test_damaged_or_foreign_datasets_are_clear_errors(built, tmp_path):
+    root, tok, (a, b) = built
+    sha = PolarTokenizer(tok).identity().sha256
+    TripletDataset(a, sha)  # the good one opens
+    truncated = copy_dataset(a, str(tmp_path / "trunc"))
+    data = Path(truncated + ".bin").read_bytes()
+    Path(truncated + ".bin").write_bytes(data[:-10])
+    with pytest.raises(DatasetError, match=r"trunc.bin: .* bytes, the index describes"):
+        TripletDataset(truncated)
+    mixed = copy_dataset(a, str(tmp_path / "mixed"))
+    shutil.copy(b + ".idx", mixed + ".idx")
+    with pytest.raises(DatasetError, match="mixed"):
+        TripletDataset(mixed)
+    with pytest.raises(DatasetError, match="built with tokenizer .* not this run's"):
+        TripletDataset(a, "0" * 64)
+    Path(truncated + ".idx").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="trunc.idx"):
+        TripletDataset(truncated)
+
+
+def test_blending_follows_weights_and_epochs_cover_every_pair(built):
+    _, _, (a, b) = built
+    stream = TripletStream(BlendSpec.parse(["3", a, "1", b]), seed=7)
+    located = [stream.locate(p) for p in range(800)]
+    counts = np.bincount([d for d, _ in located], minlength=2)
+    assert abs(counts[0] - 600) <= 1 and abs(counts[1] - 200) <= 1
+    first_epoch_b = [i for d, i in located if d == 1][:40]
+    assert sorted(first_epoch_b) == list(range(40))  # each pair once per epoch
+    second_epoch_b = [i for d, i in located if d == 1][40:80]
+    assert sorted(second_epoch_b) == list(range(40)) and second_epoch_b != first_epoch_b
+    assert [stream.locate(p) for p in range(800)] == located  # deterministic
+
+
+def test_train_and_valid_splits_are_disjoint(built):
+    _, _, (a, _) = built
+    blend = BlendSpec.parse([a])
+    train = TripletStream(blend, "train", valid_fraction=0.1, seed=3)
+    valid = TripletStream(blend, "valid", valid_fraction=0.1, seed=3)
+    t = {train.locate(p)[1] for p in range(108)}
+    v = {valid.locate(p)[1] for p in range(12)}
+    assert len(t) == 108 and len(v) == 12 and not t & v
+
+
+def run_steps(sampler, n):
+    return [[(mb.pair_ids, mb.tokens.tolist()) for mb in sampler.next_step()] for _ in range(n)]
+
+
+def test_sampler_packs_whole_pairs_and_ranks_split_the_step(built):
+    _, _, (a, b) = built
+    stream = TripletStream(BlendSpec.parse(["1", a, "1", b]), seed=1)
+    budget = 1024
+    one = PackingSampler(stream, budget, micro_batches_per_step=4, lookahead=32)
+    ranks = [PackingSampler(stream, budget, 4, dp_rank=r, dp_size=2, lookahead=32)
+             for r in range(2)]
+    seen = []
+    for _ in range(6):
+        whole = one.next_step_positions()
+        parts = [r.next_step_positions() for r in ranks]
+        assert parts[0] == whole[0::2] and parts[1] == whole[1::2]
+        for pack in whole:
+            assert sum(stream.length(p) for p in pack) <= budget
+            seen.extend(pack)
+    assert len(seen) == len(set(seen))  # no pair twice
+    pending = {p for _, p in one.window}
+    oversize = {p for p in range(one.position) if stream.length(p) > budget}
+    assert len(oversize) == one.skipped_oversize
+    assert set(seen) | pending | oversize == set(range(one.position))  # none lost
+    for mb in PackingSampler(stream, budget, 2, lookahead=32).next_step():
+        assert mb.num_pairs == len(mb.pair_ids) and mb.tokens.shape[1] <= budget
+        for k, p in enumerate(mb.pair_ids):
+            pos, neg = stream.pair(p)
+            s = int(mb.cu_seqlens[2 * k])
+            assert mb.tokens[0, s: s + len(pos)].tolist() == pos
+
+
+def test_resume_sees_the_uninterrupted_batches(built):
+    _, _, (a, b) = built
+    stream = TripletStream(BlendSpec.parse(["2", a, "1", b]), seed=11)
+    straight = PackingSampler(stream, 384, 2, lookahead=16)
+    expected = run_steps(straight, 10)
+    first = PackingSampler(stream, 384, 2, lookahead=16)
+    run_steps(first, 4)
+    state = json.loads(json.dumps(first.state_dict()))  # as it would be checkpointed
+    resumed = PackingSampler(TripletStream(BlendSpec.parse(["2", a, "1", b]), seed=11),
+                             384, 2, lookahead=16)
+    resumed.load_state_dict(state)
+    assert run_steps(resumed, 6) == expected[4:]
+    with pytest.raises(ValueError, match="token_budget=384, this run uses 512"):
+        PackingSampler(stream, 512, 2, lookahead=16).load_state_dict(state)
+
+
+def test_oversize_pairs_are_counted_not_silently_dropped(built):
+    _, _, (a, _) = built
+    stream = TripletStream(BlendSpec.parse([a]), seed=1)
+    budget = int(np.median(TripletDataset(a).pair_lengths))
+    sampler = PackingSampler(stream, budget, 1, lookahead=8)
+    sampler.next_step()
+    assert sampler.skipped_oversize > 0
+    assert sampler.state_dict()["skipped_oversize"] == sampler.skipped_oversize
