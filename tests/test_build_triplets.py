@@ -197,3 +197,36 @@ def test_slurm_array_dry_run_builds_its_partition():
     assert "--partitions 8 --partition-index 3" in out
     assert "--output-prefix /out/polar.part3" in out and "--workers 32" in out
     assert subprocess.run(["bash", "-n", "slurm/build_triplets_array.sh"], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_fuzzed_lines_are_written_or_rejected_never_lost(tmp_path, tok_path, seed):
+    rng = random.Random(seed)
+    lines = []
+    for rec in good_records(150, seed):
+        raw = bytearray(json.dumps(rec).encode())
+        kind = rng.randrange(5)
+        if kind == 1:  # flip bytes
+            for _ in range(rng.randint(1, 4)):
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+        elif kind == 2:  # cut short
+            raw = raw[: rng.randrange(len(raw))]
+        elif kind == 3:  # a random field set to another JSON type
+            rec = dict(rec)
+            rec[rng.choice(["prompt", "reference", "chosen", "rejected"])] = rng.choice(
+                [None, 3, 1.5, True, {"a": 1}, [1, 2]])
+            raw = bytearray(json.dumps(rec).encode())
+        raw = raw.replace(b"\n", b" ")
+        lines.append(bytes(raw))
+    src = tmp_path / "fuzz.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    summary = build_triplets(BuildConfig([str(src)], str(tmp_path / "out"), tok_path,
+                                         skip_bad=True), progress=False)
+    nonblank = sum(1 for raw in lines if raw.strip())
+    assert summary.read == nonblank == summary.written + summary.rejected
+    assert summary.rejected > 0 and summary.written > 0
+    rejected = output_paths(str(tmp_path / "out"))["rejected"].read_text().splitlines()
+    assert len(rejected) == summary.rejected
+    assert all(json.loads(r)["where"].startswith(f"{src}:") and json.loads(r)["reason"]
+               for r in rejected)
+    assert len(IndexedDataset(str(tmp_path / "out"))) == 2 * summary.written
