@@ -174,7 +174,7 @@ def test_from_trajectories_assembles_deterministic_triplets(tmp_path, tok_path):
                        progress=False)
     s1 = build_triplets(BuildConfig([src], str(tmp_path / "t1"), tok_path,
                                     from_trajectories=True, skip_bad=True, seed=5), progress=False)
-    s2 = build_triplets(BuildConfig([src], str(tmp_path / "t2"), tok_path,
+    build_triplets(BuildConfig([src], str(tmp_path / "t2"), tok_path,
                                     from_trajectories=True, skip_bad=True, seed=5), progress=False)
     assert s1.written == 40  # one triplet per prompt for each policy with two trajectories
     assert s1.rejected == 1 and s1.read == len(rows)

@@ -1,7 +1,6 @@
 """Packing pairs into micro-batches: boundaries, positions, padding, budget."""
 
 import pytest
-import torch
 
 from megatron_polar.data.packing import (build_padded_batch, first_fit_decreasing, pack_pairs,
                                          pair_length)

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -283,7 +283,3 @@ def _reject(out, where: str, reason: str, raw: Optional[bytes], skip_bad: bool,
     if raw is not None:
         entry["line"] = raw.decode("utf-8", errors="replace")
     out.write(json.dumps(entry, ensure_ascii=False) + "\n")
-
-
-def summary_dict(summary: BuildSummary) -> dict:
-    return asdict(summary)

@@ -31,7 +31,7 @@ class FP8Config:
         if self.recipe not in FP8_RECIPES:
             raise ValueError(f"fp8 recipe must be one of {FP8_RECIPES}, got {self.recipe!r}")
         if self.amax_compute_algo not in ("max", "most_recent"):
-            raise ValueError(f"fp8 amax_compute_algo must be 'max' or 'most_recent'")
+            raise ValueError("fp8 amax_compute_algo must be 'max' or 'most_recent'")
         if self.amax_history_len < 1:
             raise ValueError("fp8 amax_history_len must be >= 1")
 

@@ -21,7 +21,10 @@ so GPU runs never touch this module. What it changes, and why:
    become CPU equivalents (no-ops or the CPU RNG state); timers and checkpointing call them.
 
 The default causal mask (``megatron.core.transformer.utils.get_default_causal_mask``)
-allocates with ``device="cuda"`` and is covered by item 2. Nothing here changes a model,
+allocates with ``device="cuda"`` and is covered by item 2. One CPU-only *setting* lives with
+the rest of the model config (``model/config.py``): ``batch_p2p_comm=False``, because gloo can
+pair a batched send/recv of an activation and a gradient of one shape crosswise under the
+interleaved pipeline schedule. Nothing here changes a model,
 a parallel layer, a schedule or an optimizer: those are megatron-core's code paths as on GPU.
 """
 
