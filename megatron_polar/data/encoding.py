@@ -63,32 +63,38 @@ class TripletEncoder:
         self.tok = tokenizer
         self.cfg = config
 
-    def _keep_first(self, text: str) -> str:
-        # The budget counts the field's own BOS. Like the released trainer we always go through
-        # decode, which also applies the tokenizer's normalisation to untruncated text.
-        return self.tok.decode(self.tok.encode(text)[: self.cfg.max_response_length - 1])
+    def _keep_first(self, text: str) -> tuple[str, int]:
+        """(kept text, kept length counting the field's own BOS). Like the released trainer we
+        always go through decode, which also applies the tokenizer's normalisation."""
+        ids = self.tok.encode(text)[: self.cfg.max_response_length - 1]
+        return self.tok.decode(ids), len(ids) + 1
 
-    def sequence(self, prompt: str, reference: str, candidate: str, wrapper: str) -> list[int]:
-        """Ids of one POLAR sequence from already-truncated texts."""
-        sep = "" if wrapper == "pretrain" else "\n"
-        first = prompt + (sep if reference else "") + reference
-        second = prompt + (sep if candidate else "") + candidate
-        return ([self.tok.bos_id] + self.tok.encode(first) + [self.tok.separator_id]
-                + self.tok.encode(second) + [self.tok.reward_token_id])
+    def _half(self, prompt: str, response: str, wrapper: str) -> list[int]:
+        sep = "" if wrapper == "pretrain" or not response else "\n"
+        return self.tok.encode(prompt + sep + response)
+
+    def sequence(self, prompt: str, reference: str, candidate: str, wrapper: str,
+                 first_half: list[int] | None = None) -> list[int]:
+        """Ids of one POLAR sequence from already-truncated texts (`first_half`: the ids of
+        prompt + reference, when already known)."""
+        if first_half is None:
+            first_half = self._half(prompt, reference, wrapper)
+        return ([self.tok.bos_id] + first_half + [self.tok.separator_id]
+                + self._half(prompt, candidate, wrapper) + [self.tok.reward_token_id])
 
     def encode(self, prompt: Any, reference: Any, chosen: Any, rejected: Any,
                wrapper: str = "sft") -> tuple[list[int], list[int]]:
         if wrapper not in WRAPPERS:
             raise RecordError(f"field 'wrapper' must be one of {WRAPPERS}, got {wrapper!r}")
         p = field_text(prompt, "prompt")
-        ref, pos, neg = (self._keep_first(field_text(v, n)) for v, n in
-                         ((reference, "reference"), (chosen, "chosen"), (rejected, "rejected")))
+        (ref, n_ref), (pos, n_pos), (neg, n_neg) = (
+            self._keep_first(field_text(v, n)) for v, n in
+            ((reference, "reference"), (chosen, "chosen"), (rejected, "rejected")))
         if not pos.strip() or not neg.strip():
             raise RecordError("empty response: 'chosen' and 'rejected' must contain text")
         if ref == neg:
             raise RecordError("the reference is identical to the rejected response")
         p_ids = self.tok.encode(p)
-        n_ref, n_pos, n_neg = (len(self.tok.encode(t)) + 1 for t in (ref, pos, neg))
         room = self.cfg.max_length - RESERVED_TOKENS
         budget = min((room - n_ref - n_pos) // 2, (room - n_ref - n_neg) // 2)
         if budget < 1:
@@ -96,4 +102,6 @@ class TripletEncoder:
                               f"within max_length {self.cfg.max_length}")
         # [BOS] + prompt keeps its last `budget` ids; the BOS is the first to go.
         p = self.tok.decode(p_ids[-budget:] if len(p_ids) + 1 > budget else p_ids)
-        return self.sequence(p, ref, pos, wrapper), self.sequence(p, ref, neg, wrapper)
+        first_half = self._half(p, ref, wrapper)  # shared by s+ and s-: encoded once
+        return (self.sequence(p, ref, pos, wrapper, first_half),
+                self.sequence(p, ref, neg, wrapper, first_half))
