@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from tests.distributed import _free_port
+from megatron_polar.training.parallel import free_port
 
 # megatron-core warns at import that apex/TE are absent; that is the expected CPU setup.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|TE).*")
@@ -17,7 +17,7 @@ def ctx1():
     from megatron_polar.model.config import ModelRunConfig
     from megatron_polar.training.parallel import initialize_parallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1")
     torch.set_num_threads(2)
     return initialize_parallel(ModelRunConfig())

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_polar.training.parallel import free_port
 
 
 def _worker(rank, world_size, port, fn, args, errors):
@@ -39,7 +34,7 @@ def run_distributed(world_size: int, fn, *args, timeout: float = 600) -> None:
     """
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors))
              for r in range(world_size)]
     for p in procs:

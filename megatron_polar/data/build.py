@@ -8,6 +8,7 @@ place at the end, metadata last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -70,7 +71,6 @@ class BuildSummary:
     unused: int = 0  # trajectories that went into no triplet (--from-trajectories)
     tokens: int = 0
     seconds: float = 0.0
-    input_tokens: int = 0  # tokens of the encoded sequences, a throughput measure
 
     def line(self) -> str:
         unused = f" + {self.unused:,} unused trajectories" if self.unused else ""
@@ -90,9 +90,8 @@ def _init_worker(tokenizer: str, separator_id, reward_token_id, enc: EncodingCon
 
 
 def _encode_one(record: dict) -> tuple[list[int], list[int]]:
-    for name in ("wrapper",):
-        if name in record and not isinstance(record[name], str):
-            raise RecordError(f"field '{name}' must be a string")
+    if not isinstance(record.get("wrapper", ""), str):
+        raise RecordError("field 'wrapper' must be a string")
     return _ENCODER.encode(record["prompt"], record["reference"], record["chosen"],
                            record["rejected"], record.get("wrapper", "sft"))
 
@@ -158,7 +157,7 @@ def assemble_from_trajectories(lines: Iterable[Line], seed: int, rejected: list,
                       "rejected": negative, "wrapper": "pretrain"}
             triplets.append((f"{own[i][0]}+{own[j][0]}+{neg_where}", record))
             used.extend([own[i][0], own[j][0], neg_where])
-    return triplets, prompts
+    return triplets
 
 
 # ---- the build --------------------------------------------------------------------------------
@@ -177,6 +176,34 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
 def output_paths(prefix: str) -> dict[str, Path]:
     return {kind: Path(f"{prefix}{suffix}") for kind, suffix in (
         ("bin", ".bin"), ("idx", ".idx"), ("meta", ".meta.json"), ("rejected", ".rejected.jsonl"))}
+
+
+@contextlib.contextmanager
+def staged_outputs(prefix: str) -> Iterator[dict[str, Path]]:
+    """Temporary paths for every file of a dataset: renamed into place (metadata last) when the
+    block succeeds, removed when it fails, so a dataset is either whole or absent."""
+    paths = output_paths(prefix)
+    paths["bin"].parent.mkdir(parents=True, exist_ok=True)
+    tmp = {k: p.with_name(p.name + f".tmp{os.getpid()}") for k, p in paths.items()}
+    try:
+        yield tmp
+    except BaseException:
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+        raise
+    for kind in ("bin", "idx", "rejected", "meta"):
+        os.replace(tmp[kind], paths[kind])
+
+
+def read_meta(prefix: str) -> dict:
+    """The metadata of a built dataset, checked to be of this format."""
+    path = output_paths(prefix)["meta"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; is {prefix} a megatron_polar triplet dataset?")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
 
 
 class _Progress:
@@ -199,16 +226,13 @@ def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
     tokenizer = PolarTokenizer(cfg.tokenizer, separator_id=cfg.separator_id,
                                reward_token_id=cfg.reward_token_id)
     enc = EncodingConfig(cfg.max_length, cfg.max_response_length)
-    paths = output_paths(cfg.output_prefix)
-    paths["bin"].parent.mkdir(parents=True, exist_ok=True)
-    tmp = {k: p.with_name(p.name + f".tmp{os.getpid()}") for k, p in paths.items()}
     summary, bar, start = BuildSummary(), _Progress(progress), time.perf_counter()
     rejected_lines: list = []
 
     if cfg.from_trajectories:
         used: list = []
         lines = list(iter_lines(files))
-        items, _ = assemble_from_trajectories(lines, cfg.seed, rejected_lines, used)
+        items = assemble_from_trajectories(lines, cfg.seed, rejected_lines, used)
         summary.read = len(lines)
         summary.unused = len(lines) - len(rejected_lines) - len(set(used))
     else:
@@ -219,55 +243,49 @@ def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
             stop = total * (cfg.partition_index + 1) // cfg.partitions
         items = ((line.where, line.raw) for line in iter_lines(files, first, stop))
 
-    builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=DTYPE)
-    rejects = open(tmp["rejected"], "w", encoding="utf-8")
     pool = None
     try:
-        for where, reason, raw in rejected_lines:
-            _reject(rejects, where, reason, raw, cfg.skip_bad, summary)
-        initargs = (cfg.tokenizer, cfg.separator_id, cfg.reward_token_id, enc)
-        if cfg.workers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(
-                cfg.workers, initializer=_init_worker, initargs=initargs)
-            results = pool.imap(_encode_chunk, _chunks(items, CHUNK_LINES))
-        else:
-            _init_worker(*initargs)
-            results = map(_encode_chunk, _chunks(items, CHUNK_LINES))
-        for chunk in results:
-            for where, result, raw in chunk:
-                if not cfg.from_trajectories:
-                    summary.read += 1
-                if isinstance(result, str):
-                    _reject(rejects, where, result, raw, cfg.skip_bad, summary)
-                    continue
-                ids, n_pos = result
-                builder.add_document(ids, [n_pos, len(ids) - n_pos])
-                summary.written += 1
-                summary.tokens += len(ids)
-            bar.update(summary)
-        builder.finalize(str(tmp["idx"]))
-        rejects.close()
-        summary.seconds = time.perf_counter() - start
-        meta = {
-            "format": FORMAT,
-            "triplets": summary.written, "sequences": 2 * summary.written,
-            "tokens": summary.tokens, "input_lines": summary.read,
-            "rejected": summary.rejected, "unused_trajectories": summary.unused,
-            "tokenizer": tokenizer.identity().as_dict(), "special_ids": tokenizer.special_ids(),
-            "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(DTYPE).name,
-            "max_length": cfg.max_length, "max_response_length": cfg.max_response_length,
-            "mode": "trajectories" if cfg.from_trajectories else "triplets",
-            "partition": [cfg.partition_index, cfg.partitions], "inputs": files,
-            "command": cfg.command,
-        }
-        tmp["meta"].write_text(json.dumps(meta, indent=2))
-        for kind in ("bin", "idx", "rejected", "meta"):
-            os.replace(tmp[kind], paths[kind])
-    except BaseException:
-        rejects.close()
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
-        raise
+        with staged_outputs(cfg.output_prefix) as tmp, \
+                open(tmp["rejected"], "w", encoding="utf-8") as rejects:
+            builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=DTYPE)
+            for where, reason, raw in rejected_lines:
+                _reject(rejects, where, reason, raw, cfg.skip_bad, summary)
+            initargs = (cfg.tokenizer, cfg.separator_id, cfg.reward_token_id, enc)
+            if cfg.workers > 1:
+                pool = multiprocessing.get_context("spawn").Pool(
+                    cfg.workers, initializer=_init_worker, initargs=initargs)
+                results = pool.imap(_encode_chunk, _chunks(items, CHUNK_LINES))
+            else:
+                _init_worker(*initargs)
+                results = map(_encode_chunk, _chunks(items, CHUNK_LINES))
+            for chunk in results:
+                for where, result, raw in chunk:
+                    if not cfg.from_trajectories:
+                        summary.read += 1
+                    if isinstance(result, str):
+                        _reject(rejects, where, result, raw, cfg.skip_bad, summary)
+                        continue
+                    ids, n_pos = result
+                    builder.add_document(ids, [n_pos, len(ids) - n_pos])
+                    summary.written += 1
+                    summary.tokens += len(ids)
+                bar.update(summary)
+            builder.finalize(str(tmp["idx"]))
+            summary.seconds = time.perf_counter() - start
+            meta = {
+                "format": FORMAT,
+                "triplets": summary.written, "sequences": 2 * summary.written,
+                "tokens": summary.tokens, "input_lines": summary.read,
+                "rejected": summary.rejected, "unused_trajectories": summary.unused,
+                "tokenizer": tokenizer.identity().as_dict(),
+                "special_ids": tokenizer.special_ids(),
+                "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(DTYPE).name,
+                "max_length": cfg.max_length, "max_response_length": cfg.max_response_length,
+                "mode": "trajectories" if cfg.from_trajectories else "triplets",
+                "partition": [cfg.partition_index, cfg.partitions], "inputs": files,
+                "command": cfg.command,
+            }
+            tmp["meta"].write_text(json.dumps(meta, indent=2))
     finally:
         if pool is not None:
             pool.terminate()

@@ -7,23 +7,12 @@ merging the partitions of a build reproduces the single-process build byte for b
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_polar.data.build import DTYPE, FORMAT, output_paths
-
-
-def read_meta(prefix: str) -> dict:
-    path = output_paths(prefix)["meta"]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; is {prefix} a megatron_polar triplet dataset?")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
+from megatron_polar.data.build import DTYPE, output_paths, read_meta, staged_outputs
 
 
 def merge_triplets(prefixes: list[str], output_prefix: str) -> dict:
@@ -37,9 +26,7 @@ def merge_triplets(prefixes: list[str], output_prefix: str) -> dict:
             if meta[key] != first[key]:
                 raise ValueError(f"{prefix}: {key} {meta[key]} differs from {prefixes[0]}'s "
                                  f"{first[key]}; only datasets of one build setup can be merged")
-    paths = output_paths(output_prefix)
-    tmp = {k: p.with_name(p.name + f".tmp{os.getpid()}") for k, p in paths.items()}
-    try:
+    with staged_outputs(output_prefix) as tmp:
         builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=DTYPE)
         for prefix in prefixes:
             builder.add_index(prefix)
@@ -56,10 +43,4 @@ def merge_triplets(prefixes: list[str], output_prefix: str) -> dict:
                       merged_from=[str(Path(p)) for p in prefixes])
         merged["inputs"] = list(dict.fromkeys(merged["inputs"]))
         tmp["meta"].write_text(json.dumps(merged, indent=2))
-        for kind in ("bin", "idx", "rejected", "meta"):
-            os.replace(tmp[kind], paths[kind])
-    except BaseException:
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
-        raise
     return merged

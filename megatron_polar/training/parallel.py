@@ -49,7 +49,7 @@ def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> Paral
     if not torch.distributed.is_initialized():
         if "WORLD_SIZE" not in os.environ:  # a plain `python tool.py`: a group of one
             os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+                              MASTER_PORT=str(free_port()))
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(
@@ -76,7 +76,8 @@ def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> Paral
     return ctx
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (rendezvous for a group of one)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
