@@ -14,9 +14,10 @@ setup(
         "numpy",
         "sentencepiece",
         "psutil",  # megatron's dist_checkpointing needs it
+        "pyyaml",  # trainer --config files
     ],
     extras_require={
-        "test": ["pytest>=8", "tokenizers"],
+        "test": ["pytest>=8", "tokenizers", "tensorboard"],
         "hf": ["transformers", "safetensors", "tokenizers"],
         "serve": ["nvidia-pytriton"],
         # NGC PyTorch containers ship both; listed for bare-metal GPU installs.

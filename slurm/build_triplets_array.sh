@@ -26,10 +26,12 @@ WORKERS=${WORKERS:-${SLURM_CPUS_PER_TASK:-8}}
 REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
 PYTHON=${PYTHON:-python3}
 
-# shellcheck disable=SC2086  # INPUT may hold several globs, expanded by the tool itself
-cmd=("$PYTHON" "$REPO/tools/build_triplets.py" --input $INPUT
+# INPUT may hold several globs: split on spaces but leave the globs to the tool itself.
+read -ra inputs <<< "$INPUT"
+read -ra extra <<< "${EXTRA_ARGS:-}"
+cmd=("$PYTHON" "$REPO/tools/build_triplets.py" --input "${inputs[@]}"
      --output-prefix "$OUTPUT.part$INDEX" --tokenizer "$TOKENIZER" --workers "$WORKERS"
-     --partitions "$PARTS" --partition-index "$INDEX" ${EXTRA_ARGS:-})
+     --partitions "$PARTS" --partition-index "$INDEX" "${extra[@]}")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "${cmd[@]}"; echo
     exit 0

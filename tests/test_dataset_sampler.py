@@ -9,7 +9,7 @@ import pytest
 
 from megatron_polar.data.build import BuildConfig, build_triplets
 from megatron_polar.data.dataset import BlendSpec, DatasetError, TripletDataset, TripletStream
-from megatron_polar.data.sampler import PackingSampler
+from megatron_polar.data.sampler import PackingSampler, best_fit_decreasing, deal_to_ranks
 from megatron_polar.data.tokenizer import PolarTokenizer
 from tests.test_build_triplets import good_records, write_jsonl
 from tests.tokenizer_fixture import make_sentencepiece
@@ -83,52 +83,85 @@ def run_steps(sampler, n):
 def test_sampler_packs_whole_pairs_and_ranks_split_the_step(built):
     _, _, (a, b) = built
     stream = TripletStream(BlendSpec.parse(["1", a, "1", b]), seed=1)
-    budget = 1024
-    one = PackingSampler(stream, budget, micro_batches_per_step=4, lookahead=32)
-    ranks = [PackingSampler(stream, budget, 4, dp_rank=r, dp_size=2, lookahead=32)
+    budget, batch = 1024, 12
+    one = PackingSampler(stream, batch, token_budget=budget)
+    ranks = [PackingSampler(stream, batch, token_budget=budget, dp_rank=r, dp_size=2)
              for r in range(2)]
     seen = []
     for _ in range(6):
         whole = one.next_step_positions()
         parts = [r.next_step_positions() for r in ranks]
-        assert parts[0] == whole[0::2] and parts[1] == whole[1::2]
+        # the ranks' packs are exactly the single rank's pairs, each rank with at least one pack
+        assert sorted(sum(parts[0] + parts[1], [])) == sorted(sum(whole, []))
+        assert all(parts)
+        step_pairs = sum(whole, [])
+        assert len(step_pairs) == batch  # a step is exactly the global batch of pairs
         for pack in whole:
             assert sum(stream.length(p) for p in pack) <= budget
-            seen.extend(pack)
+        seen.extend(step_pairs)
     assert len(seen) == len(set(seen))  # no pair twice
-    pending = {p for _, p in one.window}
     oversize = {p for p in range(one.position) if stream.length(p) > budget}
     assert len(oversize) == one.skipped_oversize
-    assert set(seen) | pending | oversize == set(range(one.position))  # none lost
-    for mb in PackingSampler(stream, budget, 2, lookahead=32).next_step():
+    assert set(seen) | oversize == set(range(one.position))  # none lost
+    for mb in PackingSampler(stream, batch, token_budget=budget).next_step():
         assert mb.num_pairs == len(mb.pair_ids) and mb.tokens.shape[1] <= budget
+        assert mb.tokens.shape[1] % 64 == 0 and mb.tokens.shape[1] - mb.num_tokens < 64
         for k, p in enumerate(mb.pair_ids):
             pos, neg = stream.pair(p)
             s = int(mb.cu_seqlens[2 * k])
             assert mb.tokens[0, s: s + len(pos)].tolist() == pos
 
 
+def test_best_fit_decreasing_and_dealing():
+    lengths = {0: 6, 1: 5, 2: 4, 3: 3, 4: 2, 5: 1, 6: 7}
+    bins = best_fit_decreasing(lengths, 10)
+    assert sorted(sum(bins, [])) == sorted(lengths)
+    assert all(sum(lengths[k] for k in b) <= 10 for b in bins)
+    assert len(bins) == 3  # 28 tokens cannot go in fewer than 3 bins of 10
+    per_rank = deal_to_ranks(bins, lengths, 2)
+    loads = [sum(lengths[k] for p in packs for k in p) for packs in per_rank]
+    # greedy dealing is within one pack of perfectly even (here 18 vs 10, packs of 10, 10, 8)
+    assert max(loads) - min(loads) <= max(sum(lengths[k] for k in b) for b in bins)
+    # fewer packs than ranks: multi-pair packs are split so every rank computes something
+    per_rank = deal_to_ranks([[0, 1, 2]], lengths, 3)
+    assert [len(packs) for packs in per_rank] == [1, 1, 1]
+    with pytest.raises(ValueError, match="cannot give each"):
+        deal_to_ranks([[0], [1]], lengths, 3)
+
+
+def test_micro_batch_size_mode_splits_like_megatron(built):
+    _, _, (a, _) = built
+    stream = TripletStream(BlendSpec.parse([a]), seed=3)
+    ranks = [PackingSampler(stream, 8, pairs_per_micro_batch=2, dp_rank=r, dp_size=2)
+             for r in range(2)]
+    plans = [r.next_step_positions() for r in ranks]
+    assert plans == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    with pytest.raises(ValueError, match="not a multiple"):
+        PackingSampler(stream, 6, pairs_per_micro_batch=2, dp_size=2)
+
+
 def test_resume_sees_the_uninterrupted_batches(built):
     _, _, (a, b) = built
     stream = TripletStream(BlendSpec.parse(["2", a, "1", b]), seed=11)
-    straight = PackingSampler(stream, 384, 2, lookahead=16)
+    straight = PackingSampler(stream, 6, token_budget=384)
     expected = run_steps(straight, 10)
-    first = PackingSampler(stream, 384, 2, lookahead=16)
+    first = PackingSampler(stream, 6, token_budget=384)
     run_steps(first, 4)
     state = json.loads(json.dumps(first.state_dict()))  # as it would be checkpointed
     resumed = PackingSampler(TripletStream(BlendSpec.parse(["2", a, "1", b]), seed=11),
-                             384, 2, lookahead=16)
+                             6, token_budget=384)
     resumed.load_state_dict(state)
     assert run_steps(resumed, 6) == expected[4:]
     with pytest.raises(ValueError, match="token_budget=384, this run uses 512"):
-        PackingSampler(stream, 512, 2, lookahead=16).load_state_dict(state)
+        PackingSampler(stream, 6, token_budget=512).load_state_dict(state)
 
 
 def test_oversize_pairs_are_counted_not_silently_dropped(built):
     _, _, (a, _) = built
     stream = TripletStream(BlendSpec.parse([a]), seed=1)
     budget = int(np.median(TripletDataset(a).pair_lengths))
-    sampler = PackingSampler(stream, budget, 1, lookahead=8)
+    sampler = PackingSampler(stream, 4, token_budget=budget)
     sampler.next_step()
     assert sampler.skipped_oversize > 0
+    assert sampler.last_plan.pairs == 4
     assert sampler.state_dict()["skipped_oversize"] == sampler.skipped_oversize

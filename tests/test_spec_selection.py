@@ -61,3 +61,16 @@ def test_requesting_te_without_it_is_an_error():
     with pytest.raises(RuntimeError, match="Transformer Engine was requested but is not installed"):
         resolve_use_te(ModelRunConfig(use_transformer_engine=True), te_available=False,
                        cuda_available=True, hopper=True)
+
+
+@pytest.mark.parametrize("change", [dict(context_parallel_size=2),
+                                    dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                                         tp_comm_overlap=True)])
+def test_context_parallel_and_tp_comm_overlap_need_te_on_a_gpu(change):
+    run = ModelRunConfig(**change)
+    with pytest.raises(RuntimeError, match="needs Transformer Engine on a CUDA GPU"):
+        resolve_use_te(run, te_available=False, cuda_available=False, hopper=False)
+    with pytest.raises(RuntimeError, match="it is disabled"):
+        resolve_use_te(ModelRunConfig(**change, use_transformer_engine=False),
+                       te_available=True, cuda_available=True, hopper=True)
+    assert resolve_use_te(run, te_available=True, cuda_available=True, hopper=True)

@@ -2,7 +2,8 @@
 """Tokenize POLAR triplets (JSONL) into megatron-core indexed datasets (.bin/.idx + .meta.json).
 
     python tools/build_triplets.py --input 'data/*.jsonl.gz' --output-prefix out/polar \
-        --tokenizer /models/POLAR-7B --workers 16 [--skip-bad]
+        --tokenizer /models/POLAR-7B --workers 16 [--skip-bad] \
+        [--from-trajectories | --from-rankings]
 """
 
 import argparse
@@ -23,8 +24,13 @@ def main(argv=None):
     p.add_argument("--max-response-length", type=int, default=4096)
     p.add_argument("--skip-bad", action="store_true",
                    help="write bad lines to PREFIX.rejected.jsonl and go on (default: stop)")
-    p.add_argument("--from-trajectories", action="store_true",
-                   help="input is per-policy generations (prompt_id, prompt, policy, trajectory)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--from-trajectories", action="store_true",
+                      help="input is per-policy generations "
+                           "(prompt_id, prompt, policy, trajectory)")
+    mode.add_argument("--from-rankings", action="store_true",
+                      help="input is ranked responses (prompt, responses best first): triplets "
+                           "(responses[0], responses[i], responses[j]) for 1 <= i < j")
     p.add_argument("--seed", type=int, default=1234, help="triplet assembly seed (trajectories)")
     p.add_argument("--partitions", type=int, default=1, help="split the input lines into N parts")
     p.add_argument("--partition-index", type=int, default=0, help="which part this run builds")
@@ -40,7 +46,8 @@ def main(argv=None):
         inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer,
         workers=args.workers, max_length=args.max_length,
         max_response_length=args.max_response_length, skip_bad=args.skip_bad,
-        from_trajectories=args.from_trajectories, seed=args.seed, partitions=args.partitions,
+        from_trajectories=args.from_trajectories,
+        from_rankings=args.from_rankings, seed=args.seed, partitions=args.partitions,
         partition_index=args.partition_index, separator_id=args.separator_id,
         reward_token_id=args.reward_token_id)
     try:

@@ -8,6 +8,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -78,27 +79,34 @@ class LengthOnlyStream:
         return self._cache[position]
 
 
-def packing_efficiency(budget: int, steps: int = 200, lookahead: int = 1024) -> dict:
+def packing_efficiency(budget: int, steps: int = 20, global_batch_size: int = 1940,
+                       pad_multiple: int = 128) -> dict:
+    """Real tokens / computed tokens when each step's pairs are packed into variable-length
+    micro-batches of at most `budget` tokens, each padded to a multiple of `pad_multiple`;
+    also how full the budget is, and the padding-to-maximum baseline."""
     logging.getLogger("megatron_polar.data.sampler").setLevel(logging.ERROR)  # counted below
     stream = LengthOnlyStream()
-    sampler = PackingSampler(stream, budget, micro_batches_per_step=8, lookahead=lookahead)
-    real = computed = 0
+    sampler = PackingSampler(stream, global_batch_size, token_budget=budget)
+    real = computed = packs = 0
     for _ in range(steps):
         for pack in sampler.next_step_positions():
-            real += sum(stream.length(p) for p in pack)
-            computed += budget
+            n = sum(stream.length(p) for p in pack)
+            real += n
+            computed += -(-n // pad_multiple) * pad_multiple
+            packs += 1
     # Padding instead: each sequence padded to the longest possible one, no packing.
     longest_seq = 2 * stream.prefix_max + 2 * stream.response_max + 3
-    pairs = sampler.position - len(sampler.window) - sampler.skipped_oversize
+    pairs = steps * global_batch_size
     padded = real / (pairs * 2 * longest_seq)
     return {"budget": budget, "packed_efficiency": real / computed,
+            "budget_fill": real / (packs * budget), "micro_batches_per_step": packs / steps,
             "padded_efficiency": padded, "skipped_oversize_pairs": sampler.skipped_oversize,
-            "pairs": pairs}
+            "pairs": pairs, "global_batch_size": global_batch_size}
 
 
 def sampler_throughput(prefix: str, budget: int, steps: int = 50) -> dict:
     stream = TripletStream(BlendSpec.parse([prefix]))
-    sampler = PackingSampler(stream, budget, micro_batches_per_step=4)
+    sampler = PackingSampler(stream, 64, token_budget=budget)
     tokens, start = 0, time.perf_counter()
     for _ in range(steps):
         tokens += sum(mb.num_tokens for mb in sampler.next_step())
@@ -106,11 +114,54 @@ def sampler_throughput(prefix: str, budget: int, steps: int = 50) -> dict:
     return {"budget": budget, "tokens_per_s": tokens / seconds, "steps": steps}
 
 
-def run_all(n_records: int = 4000) -> dict:
+def against_megatron_lm(megatron_lm: Path, n_records: int, workers: int, workdir: Path,
+                        tokenizer: Path) -> dict:
+    """Wall time, start-up included, of our CLI and of Megatron-LM's `tools/preprocess_data.py`
+    (from a checkout given by the user; nothing of it is vendored) on the same records and
+    tokenizer. preprocess_data gets each record's four fields joined into one `text`."""
+    import subprocess
+    import sys
+
+    records = synthetic_records(n_records)
+    ours_in = workdir / "input.jsonl"
+    if not ours_in.exists():
+        ours_in.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text_in = workdir / "text.jsonl"
+    text_in.write_text("".join(json.dumps({"text": "\n".join(
+        r[k] for k in ("prompt", "reference", "chosen", "rejected"))}) + "\n" for r in records))
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    runs = {
+        "build_triplets": [sys.executable, str(repo / "tools/build_triplets.py"), "--input",
+                           str(ours_in), "--output-prefix", str(workdir / f"cli_w{workers}"),
+                           "--tokenizer", str(tokenizer), "--workers", str(workers), "--quiet"],
+        "megatron_lm_preprocess_data": [
+            sys.executable, str(megatron_lm / "tools/preprocess_data.py"), "--input", str(text_in),
+            "--output-prefix", str(workdir / f"mlm_w{workers}"), "--tokenizer-type",
+            "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer), "--workers",
+            str(workers), "--append-eod"],
+    }
+    seconds = {}
+    for name, cmd in runs.items():
+        run_env = env
+        if name.startswith("megatron"):  # its own dependencies may come on PYTHONPATH
+            run_env = dict(env, PYTHONPATH=":".join(
+                p for p in (str(megatron_lm), env.get("PYTHONPATH")) if p))
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, env=run_env, cwd=workdir, capture_output=True)
+        seconds[name] = time.perf_counter() - start
+    return {"workers": workers, "records": n_records, "input_mb": ours_in.stat().st_size / 1e6,
+            "seconds": seconds}
+
+
+def run_all(n_records: int = 4000, megatron_lm: Optional[Path] = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tok = train_tokenizer(work)
         builds = [build_throughput(n_records, w, work, tok) for w in (1, 2)]
         sampling = sampler_throughput(str(work / "out_w1"), 16384)
+        versus = ([against_megatron_lm(megatron_lm, n_records, w, work, tok) for w in (1, 2)]
+                  if megatron_lm else None)
     packing = [packing_efficiency(b) for b in (16384, 32768)]
-    return {"build": builds, "packing": packing, "sampler": sampling}
+    return {"build": builds, "packing": packing, "sampler": sampling, "against_megatron_lm": versus}

@@ -1,15 +1,17 @@
 """Build indexed binary triplet datasets (megatron-core `.bin`/`.idx`) from JSONL.
 
 Each triplet is one document of two sequences, s+ then s-. Every input line is either written
-or rejected with its `file:line` and reason; without `skip_bad` the first bad line stops the
-build and nothing is left behind. Outputs are written under temporary names and renamed into
-place at the end, metadata last.
+(as one triplet, or several for a ranked record) or rejected with its `file:line` and reason;
+without `skip_bad` the first bad line stops the build and nothing is left behind. Outputs are
+written under temporary names and renamed into place at the end, metadata last.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -20,11 +22,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_polar.data.encoding import EncodingConfig, RecordError, TripletEncoder
-from megatron_polar.data.records import (TRAJECTORY_FIELDS, TRIPLET_FIELDS, Line, count_lines,
-                                         expand_inputs, iter_lines, parse_json_object)
+from megatron_polar.data.encoding import (WRAPPERS, EncodingConfig, RecordError, TripletEncoder,
+                                          field_text)
+from megatron_polar.data.records import (RANKING_FIELDS, TRAJECTORY_FIELDS, TRIPLET_FIELDS, Line,
+                                         count_lines, expand_inputs, iter_lines,
+                                         parse_json_object)
 from megatron_polar.data.tokenizer import PolarTokenizer
 
 FORMAT = "megatron-polar-triplets/1"
@@ -46,6 +49,7 @@ class BuildConfig:
     max_response_length: int = 4096
     skip_bad: bool = False
     from_trajectories: bool = False
+    from_rankings: bool = False
     seed: int = 1234
     partitions: int = 1
     partition_index: int = 0
@@ -58,6 +62,8 @@ class BuildConfig:
             raise ValueError("--workers must be >= 1")
         if not 0 <= self.partition_index < self.partitions:
             raise ValueError("--partition-index must be in [0, --partitions)")
+        if self.from_trajectories and self.from_rankings:
+            raise ValueError("--from-trajectories and --from-rankings are mutually exclusive")
         if self.partitions > 1 and self.from_trajectories:
             raise ValueError("--from-trajectories groups trajectories by prompt across the whole "
                              "input; build it in one partition (shard the inputs by prompt instead)")
@@ -69,13 +75,15 @@ class BuildSummary:
     written: int = 0
     rejected: int = 0
     unused: int = 0  # trajectories that went into no triplet (--from-trajectories)
+    triplets: int = 0  # documents written: a ranked record (--from-rankings) gives several
     tokens: int = 0
     seconds: float = 0.0
 
     def line(self) -> str:
         unused = f" + {self.unused:,} unused trajectories" if self.unused else ""
         return (f"read {self.read:,} lines = {self.written:,} written + {self.rejected:,} rejected"
-                f"{unused}; {self.tokens:,} tokens in {self.seconds:.1f}s")
+                f"{unused}; {self.triplets:,} triplets, {self.tokens:,} tokens in "
+                f"{self.seconds:.1f}s")
 
 
 # ---- workers: encode chunks of records ----------------------------------------------------
@@ -89,23 +97,67 @@ def _init_worker(tokenizer: str, separator_id, reward_token_id, enc: EncodingCon
     _ENCODER = TripletEncoder(tok, enc)
 
 
-def _encode_one(record: dict) -> tuple[list[int], list[int]]:
-    if not isinstance(record.get("wrapper", ""), str):
+def _wrapper(record: dict) -> str:
+    wrapper = record.get("wrapper", "sft")
+    if not isinstance(wrapper, str):
         raise RecordError("field 'wrapper' must be a string")
-    return _ENCODER.encode(record["prompt"], record["reference"], record["chosen"],
-                           record["rejected"], record.get("wrapper", "sft"))
+    if wrapper not in WRAPPERS:
+        raise RecordError(f"field 'wrapper' must be one of {WRAPPERS}, got {wrapper!r}")
+    return wrapper
 
 
-def _encode_chunk(items: list[tuple[str, bytes | dict]]):
-    """[(where, raw line or assembled record)] ->
-    [(where, (ids of s+ then s-, len of s+), None) or (where, reason, raw line)]."""
+def _encode_one(record: dict) -> list[list[int]]:
+    return list(_ENCODER.encode(record["prompt"], record["reference"], record["chosen"],
+                                record["rejected"], _wrapper(record)))
+
+
+def ranking_pairs(record: dict) -> list[tuple[int, int]]:
+    """(chosen, rejected) indices of the triplets of a ranked record, reference responses[0]:
+    every 1 <= i < j < len(responses), in that order; RecordError for ill-formed responses."""
+    responses = record["responses"]
+    if not isinstance(responses, list):
+        raise RecordError("field 'responses' must be a list of responses, best first, got "
+                          f"{type(responses).__name__}")
+    if len(responses) < 3:
+        raise RecordError(f"field 'responses' needs at least 3 responses, got {len(responses)}")
+    # Checked here, not per triplet, so that the reason names the field or the response index.
+    field_text(record["prompt"], "prompt")
+    for k, response in enumerate(responses):
+        field_text(response, f"responses[{k}]")
+    return [(i, j) for i in range(1, len(responses)) for j in range(i + 1, len(responses))]
+
+
+def _encode_ranking(record: dict) -> list[list[int]]:
+    """s+ and s- of every triplet of a ranked record. One triplet that cannot be encoded
+    rejects the whole record: a line is written or rejected as a unit, so the summary and the
+    reject file stay per line and no ranking is kept in part."""
+    responses, wrapper = record["responses"], _wrapper(record)
+    seqs = []
+    for i, j in ranking_pairs(record):
+        try:
+            seqs += _ENCODER.encode(record["prompt"], responses[0], responses[i], responses[j],
+                                    wrapper)
+        except RecordError as e:
+            raise RecordError(f"responses (reference 0, chosen {i}, rejected {j}): {e}") from None
+    return seqs
+
+
+def _encode_chunk(items: list[tuple[str, bytes | dict]], rankings: bool = False):
+    """[(where, raw line or assembled record)] -> [(where, (ids of each triplet's s+ then s-,
+    their lengths), None) or (where, reason, raw line)]; a ranked line gives several triplets."""
     out = []
     for where, item in items:
         try:
-            record = item if isinstance(item, dict) else parse_json_object(item, TRIPLET_FIELDS)
-            pos, neg = _encode_one(record)
-            # One int32 array per triplet: far cheaper to send back than lists of ints.
-            out.append((where, (np.asarray(pos + neg, dtype=DTYPE), len(pos)), None))
+            if isinstance(item, dict):
+                seqs = _encode_one(item)
+            elif rankings:
+                seqs = _encode_ranking(parse_json_object(item, RANKING_FIELDS))
+            else:
+                seqs = _encode_one(parse_json_object(item, TRIPLET_FIELDS))
+            lengths = [len(s) for s in seqs]
+            # One int32 array per line: far cheaper to send back than lists of ints.
+            ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=DTYPE, count=sum(lengths))
+            out.append((where, (ids, lengths), None))
         except RecordError as e:
             out.append((where, str(e), item if isinstance(item, bytes) else None))
     return out
@@ -222,6 +274,10 @@ class _Progress:
 
 def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
     """Run a build; returns its summary or raises BuildError (and leaves no output)."""
+    # Imported here: spawned workers import this module and need no megatron-core, whose
+    # import (torch included) would cost each of them seconds.
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
     files = expand_inputs(cfg.inputs)
     tokenizer = PolarTokenizer(cfg.tokenizer, separator_id=cfg.separator_id,
                                reward_token_id=cfg.reward_token_id)
@@ -251,13 +307,14 @@ def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
             for where, reason, raw in rejected_lines:
                 _reject(rejects, where, reason, raw, cfg.skip_bad, summary)
             initargs = (cfg.tokenizer, cfg.separator_id, cfg.reward_token_id, enc)
+            encode = functools.partial(_encode_chunk, rankings=cfg.from_rankings)
             if cfg.workers > 1:
                 pool = multiprocessing.get_context("spawn").Pool(
                     cfg.workers, initializer=_init_worker, initargs=initargs)
-                results = pool.imap(_encode_chunk, _chunks(items, CHUNK_LINES))
+                results = pool.imap(encode, _chunks(items, CHUNK_LINES))
             else:
                 _init_worker(*initargs)
-                results = map(_encode_chunk, _chunks(items, CHUNK_LINES))
+                results = map(encode, _chunks(items, CHUNK_LINES))
             for chunk in results:
                 for where, result, raw in chunk:
                     if not cfg.from_trajectories:
@@ -265,8 +322,12 @@ def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
                     if isinstance(result, str):
                         _reject(rejects, where, result, raw, cfg.skip_bad, summary)
                         continue
-                    ids, n_pos = result
-                    builder.add_document(ids, [n_pos, len(ids) - n_pos])
+                    ids, lengths = result
+                    offset = 0
+                    for n_pos, n_neg in zip(lengths[::2], lengths[1::2]):
+                        builder.add_document(ids[offset:offset + n_pos + n_neg], [n_pos, n_neg])
+                        offset += n_pos + n_neg
+                        summary.triplets += 1
                     summary.written += 1
                     summary.tokens += len(ids)
                 bar.update(summary)
@@ -274,14 +335,15 @@ def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
             summary.seconds = time.perf_counter() - start
             meta = {
                 "format": FORMAT,
-                "triplets": summary.written, "sequences": 2 * summary.written,
+                "triplets": summary.triplets, "sequences": 2 * summary.triplets,
                 "tokens": summary.tokens, "input_lines": summary.read,
                 "rejected": summary.rejected, "unused_trajectories": summary.unused,
                 "tokenizer": tokenizer.identity().as_dict(),
                 "special_ids": tokenizer.special_ids(),
                 "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(DTYPE).name,
                 "max_length": cfg.max_length, "max_response_length": cfg.max_response_length,
-                "mode": "trajectories" if cfg.from_trajectories else "triplets",
+                "mode": ("trajectories" if cfg.from_trajectories else
+                         "rankings" if cfg.from_rankings else "triplets"),
                 "partition": [cfg.partition_index, cfg.partitions], "inputs": files,
                 "command": cfg.command,
             }

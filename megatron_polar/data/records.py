@@ -16,6 +16,7 @@ from megatron_polar.data.encoding import RecordError
 
 TRIPLET_FIELDS = ("prompt", "reference", "chosen", "rejected")
 TRAJECTORY_FIELDS = ("prompt_id", "prompt", "policy", "trajectory")
+RANKING_FIELDS = ("prompt", "responses")  # responses ordered best first (--from-rankings)
 
 
 @dataclass(frozen=True)

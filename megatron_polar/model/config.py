@@ -47,7 +47,9 @@ class ModelRunConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1  # TE only (its THD attention splits sequences across ranks)
     sequence_parallel: bool = False
+    tp_comm_overlap: bool = False  # TE userbuffers: TP communication overlapped with GEMMs
     bf16: bool = False
     fp8: FP8Config = field(default_factory=FP8Config)
     use_transformer_engine: Optional[bool] = None  # None: use TE when it imports and CUDA is up
@@ -58,8 +60,12 @@ class ModelRunConfig:
     seed: int = 1234
 
     def __post_init__(self):
-        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+        if min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+               self.context_parallel_size) < 1:
             raise ValueError("parallel sizes must be >= 1")
+        if self.tp_comm_overlap and not self.sequence_parallel:
+            raise ValueError("--tp-comm-overlap needs --sequence-parallel (megatron overlaps the "
+                             "sequence-parallel all-gather/reduce-scatter with the GEMMs)")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.recompute_granularity not in (None, "selective", "full"):
@@ -97,7 +103,15 @@ def build_transformer_config(preset: ModelPreset, run: ModelRunConfig,
         tensor_model_parallel_size=run.tensor_model_parallel_size,
         pipeline_model_parallel_size=run.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=run.virtual_pipeline_model_parallel_size,
+        context_parallel_size=run.context_parallel_size,
         sequence_parallel=run.sequence_parallel,
+        tp_comm_overlap=run.tp_comm_overlap,
+        # Packs have their own lengths (no padding to the budget), so pipeline stages send each
+        # activation's shape before it.
+        variable_seq_lengths=run.pipeline_model_parallel_size > 1,
+        # Dense model, no MoE; megatron validates the (unused) dispatcher against the setting
+        # above and only the all-to-all one accepts variable lengths.
+        moe_token_dispatcher_type="alltoall",
         bf16=run.bf16,
         params_dtype=torch.bfloat16 if run.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if run.bf16 else torch.float32,

@@ -45,6 +45,8 @@ class ModelPreset:
     eos_token_id: int = 2
     pad_token_id: int = 2
     reward_token_id: int = 92527
+    # The size the model is known by (1.8B, 7B); the hyperparameter laws are fitted on it.
+    nominal_parameters: Optional[float] = None
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -77,11 +79,11 @@ class ModelPreset:
 
 _INTERNLM2_5_1_8B = ModelPreset(
     name="internlm2_5-1_8b", num_layers=24, hidden_size=2048, num_attention_heads=16,
-    num_query_groups=8, ffn_hidden_size=8192, vocab_size=92544,
+    num_query_groups=8, ffn_hidden_size=8192, vocab_size=92544, nominal_parameters=1.8e9,
 )
 _INTERNLM2_5_7B = ModelPreset(
     name="internlm2_5-7b", num_layers=32, hidden_size=4096, num_attention_heads=32,
-    num_query_groups=8, ffn_hidden_size=14336, vocab_size=92544,
+    num_query_groups=8, ffn_hidden_size=14336, vocab_size=92544, nominal_parameters=7e9,
 )
 
 PRESETS: dict[str, ModelPreset] = {

@@ -49,6 +49,14 @@ def resolve_use_te(run: ModelRunConfig, *, te_available: Optional[bool] = None,
         if run.use_transformer_engine is False:
             raise FP8UnavailableError("FP8 needs the Transformer Engine layer spec; "
                                       "do not disable Transformer Engine together with --fp8-format")
+    for feature, asked in (("context parallelism (--context-parallel-size > 1)",
+                            run.context_parallel_size > 1),
+                           ("--tp-comm-overlap", run.tp_comm_overlap)):
+        if asked and not (te and cuda and run.use_transformer_engine is not False):
+            raise RuntimeError(f"{feature} needs Transformer Engine on a CUDA GPU; "
+                               + ("it is disabled" if run.use_transformer_engine is False
+                                  else "this machine lacks " + ("Transformer Engine" if not te
+                                                                else "a CUDA GPU")))
     if run.use_transformer_engine is True and not (te and cuda):
         raise RuntimeError("Transformer Engine was requested but "
                            + ("is not installed" if not te else "no CUDA GPU is available"))

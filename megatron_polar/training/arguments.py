@@ -15,7 +15,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="split sequences across ranks (Transformer Engine only)")
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--tp-comm-overlap", action="store_true",
+                   help="overlap TP communication with GEMMs (Transformer Engine userbuffers)")
+    g.add_argument("--recompute-granularity", choices=["selective", "full"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
     g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
                    help="FP8 through Transformer Engine (Hopper GPUs only)")
@@ -41,7 +48,12 @@ def run_config_from_args(args: argparse.Namespace, num_layers: int) -> ModelRunC
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        tp_comm_overlap=args.tp_comm_overlap,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
         bf16=args.bf16,
         fp8=FP8Config(format=args.fp8_format, recipe=args.fp8_recipe, margin=args.fp8_margin,
                       amax_history_len=args.fp8_amax_history_len,
@@ -50,3 +62,160 @@ def run_config_from_args(args: argparse.Namespace, num_layers: int) -> ModelRunC
                                 "local": False}[args.transformer_impl],
         seed=args.seed,
     )
+
+
+# -- the trainer's flags -----------------------------------------------------------------------
+
+STAGES = ("pretrain", "sft")
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    """`python -m megatron_polar.train` flags. A `--config` YAML file sets any of them (keys are
+    the flag names without dashes, `-` or `_`); flags given on the command line win."""
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_polar.train",
+        description="Pre-train (POLAR) or fine-tune (ranked SFT) a reward model on megatron-core.")
+    p.add_argument("--config", default=None, help="YAML file of flag values")
+    p.add_argument("--stage", choices=STAGES, default="pretrain")
+    add_model_args(p)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (built by build_triplets)")
+    g.add_argument("--valid-data-path", nargs="+", default=None,
+                   help="separate validation datasets (default: --valid-fraction of --data-path)")
+    g.add_argument("--valid-fraction", type=float, default=0.0,
+                   help="share of each training dataset held out for validation")
+    g.add_argument("--tokenizer", default=None,
+                   help="the run's tokenizer; datasets built with another one are refused")
+    g.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="token budget of a packed micro-batch (whole pairs, best-fit packing)")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="pairs per micro-batch (instead of a token budget)")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="triplets (pairs) per optimizer step, over all data-parallel ranks")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=None, help="default: 0.1 x --lr")
+    g.add_argument("--lr-warmup-fraction", type=float, default=0.03)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-tokens", type=float, default=None,
+                   help="stop after this many real tokens (the LR schedule's length is "
+                        "estimated from the datasets' mean pair length)")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--max-consecutive-skipped-steps", type=int, default=10,
+                   help="stop the run after this many steps in a row with non-finite "
+                        "loss or gradients (each is skipped and counted)")
+    g.add_argument("--auto-hparams", action="store_true",
+                   help="LR and global batch from the paper's laws (needs --base-tokens, "
+                        "--rm-tokens)")
+    g.add_argument("--base-tokens", type=float, default=None,
+                   help="tokens the base LLM was pre-trained on (D_p)")
+    g.add_argument("--rm-tokens", type=float, default=None,
+                   help="reward-model pre-training tokens (D_rm)")
+    g.add_argument("--model-params", type=float, default=None,
+                   help="model size N for --auto-hparams (default: the preset's nominal size)")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None, help="directory of training checkpoints")
+    g.add_argument("--load", default=None,
+                   help="resume from the latest checkpoint here (if there is one)")
+    g.add_argument("--ckpt-step", type=int, default=None, help="resume from this iteration")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="initial weights (e.g. imported from HF) when --load has no checkpoint")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last-checkpoints", type=int, default=None)
+    g.add_argument("--async-save", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: take the weights only, start at iteration 0")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10,
+                   help="validation steps (of --global-batch-size pairs) per evaluation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-json", default=None, help="append one JSON object per log line")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None)
+    g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="GPU dense bf16 peak for MFU (default: known from the GPU name)")
+    g.add_argument("--skip-train", action="store_true", help="load, evaluate, exit")
+
+    g = p.add_argument_group("fault injection (tests)")
+    g.add_argument("--inject-nan-at", type=int, nargs="*", default=[],
+                   help="make the loss NaN at these iterations")
+    g.add_argument("--exit-after-iteration", type=int, default=None,
+                   help="hard exit (no save) after this iteration, as a crash would")
+    g.add_argument("--exit-during-save", type=int, default=None,
+                   help="hard exit while writing this iteration's checkpoint")
+    return p
+
+
+def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise SystemExit(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of flag names to values")
+    known = {a.dest for a in parser._actions}
+    values = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest == "config":
+            raise SystemExit(f"--config {path}: unknown key {key!r} (keys are the trainer's "
+                             "flag names without the leading dashes)")
+        values[dest] = value
+    return values
+
+
+def parse_train_args(argv=None) -> argparse.Namespace:
+    parser = build_train_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**_yaml_defaults(first.config, parser))
+    args = parser.parse_args(argv)
+    if isinstance(args.data_path, str):  # a single prefix written as a string in YAML
+        args.data_path = args.data_path.split()
+    if isinstance(args.valid_data_path, str):
+        args.valid_data_path = args.valid_data_path.split()
+    _check(parser, args)
+    return args
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.micro_batch_tokens is None) == (args.micro_batch_size is None):
+        parser.error("give one of --micro-batch-tokens (packed token budget) and "
+                     "--micro-batch-size (pairs per micro-batch)")
+    if not args.skip_train and (args.train_iters is None) == (args.train_tokens is None):
+        parser.error("give one of --train-iters and --train-tokens")
+    if args.auto_hparams:
+        if args.base_tokens is None or args.rm_tokens is None:
+            parser.error("--auto-hparams needs --base-tokens and --rm-tokens")
+    else:
+        for flag, value in (("--lr", args.lr), ("--global-batch-size", args.global_batch_size)):
+            if value is None:
+                parser.error(f"{flag} is required (or use --auto-hparams)")
+    if not args.data_path:
+        parser.error("--data-path is required")
+    if args.eval_interval and not (args.valid_fraction > 0 or args.valid_data_path):
+        parser.error("--eval-interval needs --valid-fraction or --valid-data-path")
+    if args.save_interval and not args.save:
+        parser.error("--save-interval needs --save")

@@ -1,19 +1,49 @@
-"""Model weights as megatron-core distributed checkpoints (loadable at any TP/PP).
+"""Checkpoints as megatron-core distributed checkpoints, loadable at any TP/PP.
 
-Each virtual-stage chunk contributes its own sharded state dict; the tensors inside are stored
-under their global names (TransformerBlock numbers layers globally), so the files are the same
-whatever TP/PP/VPP layout wrote them.
-Writes go to a temporary directory renamed into place once every rank has finished.
+Two kinds, one format:
+- weights only (`save_model_weights` / `load_model_weights`): what HF import writes and what
+  `--pretrained-checkpoint` reads;
+- training checkpoints (`save_checkpoint` / `load_checkpoint`): model, optimizer, LR scheduler,
+  data-sampler state, RNG, iteration and consumed counts, in Megatron-LM's layout:
+
+      SAVE/latest_checkpointed_iteration.txt      "8"
+      SAVE/iter_0000008/                           a dist checkpoint
+      SAVE/iter_0000004/
+
+Each virtual-stage chunk contributes its own sharded state dict; the tensors inside carry their
+global names (TransformerBlock numbers layers globally), so the files are the same whatever
+TP/PP/VPP layout wrote them, and a checkpoint loads at any other layout. The distributed
+optimizer is saved "fully reshardable" for the same reason.
+
+Atomicity: a checkpoint is written to `iter_N.tmp`, renamed to `iter_N` once every rank has
+finished, and only then does `latest_checkpointed_iteration.txt` move (itself replaced
+atomically). A crash at any point leaves the previous checkpoint as the latest; leftover
+`.tmp` directories are ignored and removed by the next save.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import re
 import shutil
 from pathlib import Path
+from typing import Callable, Optional
 
+import numpy as np
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest_checkpointed_iteration.txt"
+ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the directory."""
 
 
 def model_sharded_state_dict(chunks) -> dict:
@@ -22,23 +52,40 @@ def model_sharded_state_dict(chunks) -> dict:
     return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def _barrier():
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_dist_checkpoint(directory: Path) -> bool:
+    return (directory / "metadata.json").is_file()
+
+
+# -- weights only ------------------------------------------------------------------------------
+
 def save_model_weights(chunks, directory: str | os.PathLike) -> Path:
     """Save the model (all ranks call this). The directory appears only when complete."""
     final = Path(directory)
     tmp = final.with_name(final.name + ".tmp")
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank == 0:
+    if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
     _barrier()
-    if rank == 0:
+    if _rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -46,14 +93,189 @@ def save_model_weights(chunks, directory: str | os.PathLike) -> Path:
     return final
 
 
-def load_model_weights(chunks, directory: str | os.PathLike) -> None:
-    """Load weights saved by `save_model_weights` at any TP/PP into these chunks."""
+def resolve_checkpoint_dir(path: str | os.PathLike, iteration: Optional[int] = None) -> Path:
+    """A dist checkpoint directory from a run directory (its latest, or `iteration`), an
+    `iter_N` directory, or a bare checkpoint directory (e.g. written by HF import)."""
+    path = Path(path)
+    if iteration is not None:
+        found = path / f"iter_{iteration:07d}"
+    elif (path / LATEST).is_file():
+        found = path / f"iter_{int((path / LATEST).read_text().strip()):07d}"
+    else:
+        found = path
+    if not _is_dist_checkpoint(found):
+        raise CheckpointError(f"{found} is not a megatron distributed checkpoint "
+                              "(no metadata.json)")
+    return found
+
+
+def load_model_weights(chunks, directory: str | os.PathLike) -> Path:
+    """Load the weights of any checkpoint of ours (weights-only or training, any TP/PP)."""
     from megatron_polar.training.step import unwrap
 
-    directory = Path(directory)
-    if not (directory / "metadata.json").exists():
-        raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint "
-                                "(no metadata.json)")
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory))
+    found = resolve_checkpoint_dir(directory)
+    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(found))
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+    return found
+
+
+# -- training checkpoints ------------------------------------------------------------------------
+
+def latest_iteration(save_dir: str | os.PathLike) -> Optional[int]:
+    """The iteration `latest_checkpointed_iteration.txt` names, if it names a complete one."""
+    marker = Path(save_dir) / LATEST
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}")
+    iteration = int(text)
+    if not _is_dist_checkpoint(Path(save_dir) / f"iter_{iteration:07d}"):
+        raise CheckpointError(f"{marker} names iteration {iteration}, but "
+                              f"{Path(save_dir) / f'iter_{iteration:07d}'} is not a complete "
+                              "checkpoint")
+    return iteration
+
+
+def _rng_state(ctx):
+    """This rank's RNG streams, as a ShardedObject over the (PP, TP) grid (replicated over DP),
+    the way Megatron-LM stores them. Only restored when the layout is unchanged."""
+    state = {"random": random.getstate(), "np": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    return ShardedObject("rng_state", state, (ctx.pp_size, ctx.tp_size),
+                         (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank)
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _optimizer_metadata(optimizer) -> dict:
+    # Reshardable across TP/PP/DP (the default DP-only format would pin the layout).
+    return {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def training_state_dict(chunks, optimizer, ctx, common: Optional[dict] = None,
+                        is_loading: bool = False, with_optimizer: bool = True,
+                        with_rng: bool = True) -> dict:
+    state = model_sharded_state_dict(chunks)
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata=_optimizer_metadata(optimizer))
+    if with_rng:
+        state["rng_state"] = _rng_state(ctx)
+    if common is not None:
+        state["common"] = common
+    return state
+
+
+class CheckpointWriter:
+    """Saves training checkpoints atomically, optionally asynchronously, keeping the last N.
+
+    `fault_hook(stage, iteration)` is for fault-injection tests only (called between writing
+    and publishing a checkpoint).
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, keep_last: Optional[int] = None,
+                 async_save: bool = False,
+                 fault_hook: Optional[Callable[[str, int], None]] = None):
+        self.save_dir = Path(save_dir)
+        self.keep_last = keep_last
+        self.async_queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+        self.fault_hook = fault_hook
+
+    def save(self, iteration: int, state: dict) -> None:
+        """All ranks call this with their sharded state (see `training_state_dict`)."""
+        final = self.save_dir / f"iter_{iteration:07d}"
+        tmp = final.with_name(final.name + ".tmp")
+        self.wait()  # one checkpoint in flight at a time
+        if _rank() == 0:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.save_dir.glob("iter_*.tmp"):  # left by an earlier crash
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        if self.async_queue is None:
+            dist_checkpointing.save(state, str(tmp))
+            self._publish(iteration, tmp, final)
+        else:
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+            request.add_finalize_fn(lambda: self._publish(iteration, tmp, final))
+            self.async_queue.schedule_async_request(request)
+
+    def poll(self) -> None:
+        """Publish finished asynchronous saves (call once per step on every rank)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+
+    def _publish(self, iteration: int, tmp: Path, final: Path) -> None:
+        _barrier()  # every rank's shards are on disk
+        if self.fault_hook is not None:
+            self.fault_hook("before_publish", iteration)
+        if _rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.save_dir)
+            marker_tmp = self.save_dir / (LATEST + ".tmp")
+            marker_tmp.write_text(f"{iteration}\n")
+            os.replace(marker_tmp, self.save_dir / LATEST)
+            _fsync_dir(self.save_dir)
+            self._prune(iteration)
+        _barrier()
+        log.info("saved checkpoint %s", final)
+
+    def _prune(self, newest: int) -> None:
+        if not self.keep_last:
+            return
+        done = sorted(int(m.group(1)) for p in self.save_dir.iterdir()
+                      if (m := ITER_DIR.match(p.name)) and int(m.group(1)) <= newest)
+        for old in done[:-self.keep_last]:
+            shutil.rmtree(self.save_dir / f"iter_{old:07d}", ignore_errors=True)
+
+
+def load_checkpoint(directory: Path, chunks, optimizer, ctx, load_optimizer: bool = True,
+                    load_rng: bool = True) -> dict:
+    """Load a training checkpoint into the chunks (and optimizer); return its common state.
+
+    RNG streams are restored only when the TP/PP layout is the one that saved them (Megatron-LM
+    does the same); the optimizer is resharded to the current layout by megatron-core.
+    """
+    from megatron_polar.training.step import unwrap
+
+    common = dist_checkpointing.load_common_state_dict(str(directory)).get("common")
+    if common is None:
+        raise CheckpointError(f"{directory} is a weights-only checkpoint; pass it as "
+                              "--pretrained-checkpoint, not --load")
+    saved = common["layout"]
+    same_layout = (saved["tp"], saved["pp"]) == (ctx.tp_size, ctx.pp_size)
+    if load_rng and not same_layout:
+        log.info("checkpoint saved at TP=%d PP=%d, running at TP=%d PP=%d: RNG state not "
+                 "restored", saved["tp"], saved["pp"], ctx.tp_size, ctx.pp_size)
+    state = training_state_dict(chunks, optimizer, ctx, is_loading=True,
+                                with_optimizer=load_optimizer,
+                                with_rng=load_rng and same_layout)
+    loaded = dist_checkpointing.load(state, str(directory))
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=True)
+    if load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if load_rng and same_layout:
+        _set_rng_state(loaded["rng_state"])
+    return common

@@ -56,15 +56,17 @@ def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> Paral
             backend="gloo" if on_cpu else "nccl",
             timeout=datetime.timedelta(minutes=timeout_minutes))
     world = torch.distributed.get_world_size()
-    model_parallel = run.tensor_model_parallel_size * run.pipeline_model_parallel_size
+    model_parallel = (run.tensor_model_parallel_size * run.pipeline_model_parallel_size
+                      * run.context_parallel_size)
     if world % model_parallel:
-        raise ValueError(f"world size {world} is not divisible by TP x PP = {model_parallel}")
+        raise ValueError(f"world size {world} is not divisible by TP x PP x CP = {model_parallel}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=run.tensor_model_parallel_size,
         pipeline_model_parallel_size=run.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=run.virtual_pipeline_model_parallel_size,
+        context_parallel_size=run.context_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     pg = ProcessGroupCollection.use_mpu_process_groups()

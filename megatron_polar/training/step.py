@@ -3,6 +3,7 @@ megatron optimizer, and one training step through megatron's forward-backward sc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional, Sequence
@@ -106,16 +107,48 @@ def build_optimizer(chunks: list[torch.nn.Module], config: OptimizerConfig, ctx:
 class StepResult:
     metrics: PairMetrics
     grad_norm: Optional[float]
-    update_successful: bool
+    update_successful: bool  # False: the step was skipped (non-finite loss or gradients)
     num_tokens: int  # real tokens this DP rank consumed (all micro-batches)
 
 
-def _pair_forward_step(data_iterator, model):
+def _pair_forward_step(data_iterator, model, poison_loss: bool = False):
     batch: PackedMicroBatch = next(data_iterator)
     device = _device()
     scores = model(batch.tokens.to(device), batch.position_ids.to(device), None,
                    packed_seq_params=batch.to(device).packed_seq_params())
-    return scores, partial(pairwise_loss, batch.reward_positions)
+    loss_func = partial(pairwise_loss, batch.reward_positions)
+    if poison_loss:  # fault injection (tests): a NaN loss, and so NaN gradients
+        return scores, partial(_poisoned, loss_func)
+    return scores, loss_func
+
+
+def _poisoned(loss_func, token_scores):
+    loss, count, stats = loss_func(token_scores)
+    return loss * float("nan"), count, stats
+
+
+def guarded_optimizer_step(optimizer, loss_is_finite: bool) -> tuple[bool, Optional[float]]:
+    """megatron's `optimizer.step()` in its own three parts (prepare grads, global grad norm
+    and clipping, update), with one addition: a non-finite loss or gradient norm skips the
+    update. megatron itself only skips on fp16 loss-scale overflow; in bf16/fp32 a NaN would
+    reach the weights. The decision is global: the loss is broadcast to every rank and the
+    grad norm is all-reduced over the model- (and, with the distributed optimizer, data-)
+    parallel ranks."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():  # fp16 loss-scale overflow, megatron's own skip
+        return False, None
+    grad_norm = float(optimizer.get_grad_norm())
+    if not (loss_is_finite and math.isfinite(grad_norm)):
+        return False, grad_norm
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=getattr(
+                    opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False))
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def _broadcast_metrics(metrics_sums: Optional[PairMetrics], ctx: ParallelContext) -> PairMetrics:
@@ -131,15 +164,18 @@ def _broadcast_metrics(metrics_sums: Optional[PairMetrics], ctx: ParallelContext
     return PairMetrics(v[0], v[1], v[2], v[3], v[4], int(v[5]))
 
 
-def _run_schedule(chunks, micro_batches: Sequence[PackedMicroBatch], forward_only: bool, ctx):
+def _run_schedule(chunks, micro_batches: Sequence[PackedMicroBatch], forward_only: bool, ctx,
+                  poison_loss: bool = False):
     if not micro_batches:
         raise ValueError("a step needs at least one micro-batch on every data-parallel rank")
-    seq_length = micro_batches[0].tokens.shape[1]
-    if any(mb.tokens.shape[1] != seq_length for mb in micro_batches):
-        raise ValueError("all micro-batches of a step must share one packed length")
+    lengths = {mb.tokens.shape[1] for mb in micro_batches}
+    if len(lengths) > 1 and ctx.pp_size > 1 and not unwrap(chunks[0]).config.variable_seq_lengths:
+        raise ValueError("micro-batches of different lengths need variable_seq_lengths "
+                         "in the model config for pipeline transfers")
+    seq_length = max(lengths)
     iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     return get_forward_backward_func()(
-        forward_step_func=_pair_forward_step,
+        forward_step_func=partial(_pair_forward_step, poison_loss=poison_loss),
         data_iterator=iterators,
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(micro_batches),
@@ -150,23 +186,23 @@ def _run_schedule(chunks, micro_batches: Sequence[PackedMicroBatch], forward_onl
 
 
 def train_step(chunks, optimizer, micro_batches: Sequence[PackedMicroBatch],
-               ctx: ParallelContext, scheduler=None) -> StepResult:
+               ctx: ParallelContext, scheduler=None, poison_loss: bool = False) -> StepResult:
     """One optimizer step over this DP rank's packed micro-batches (the global batch is the union
-    over DP ranks). Every PP/TP rank of a DP replica passes the same micro-batches."""
+    over DP ranks). Every PP/TP rank of a DP replica passes the same micro-batches. A step whose
+    loss or gradient norm is not finite changes nothing (see `guarded_optimizer_step`)."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    outputs = _run_schedule(chunks, micro_batches, forward_only=False, ctx=ctx)
-    update_successful, grad_norm, _ = optimizer.step()
+    outputs = _run_schedule(chunks, micro_batches, forward_only=False, ctx=ctx,
+                            poison_loss=poison_loss)
+    local = reduce_pair_stats(outputs, ctx.pg.dp) if ctx.is_last_stage else None
+    metrics = _broadcast_metrics(local, ctx)
+    update_successful, grad_norm = guarded_optimizer_step(optimizer, math.isfinite(metrics.loss))
     if update_successful and scheduler is not None:
         scheduler.step(increment=1)
-    local = reduce_pair_stats(outputs, ctx.pg.dp) if ctx.is_last_stage else None
-    return StepResult(
-        metrics=_broadcast_metrics(local, ctx),
-        grad_norm=None if grad_norm is None else float(grad_norm),
-        update_successful=bool(update_successful),
-        num_tokens=sum(mb.num_tokens for mb in micro_batches),
-    )
+    return StepResult(metrics=metrics, grad_norm=grad_norm,
+                      update_successful=update_successful,
+                      num_tokens=sum(mb.num_tokens for mb in micro_batches))
 
 
 @torch.no_grad()
@@ -206,7 +242,8 @@ def score_packed(chunks, micro_batches: Sequence[PackedMicroBatch], ctx) -> Opti
         get_forward_backward_func()(
             forward_step_func=step, data_iterator=iterators,
             model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1],
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
             micro_batch_size=1, forward_only=True)
     finally:
         for chunk in chunks:

@@ -1,0 +1,205 @@
+"""`python -m megatron_polar.train` end to end, as users launch it (subprocesses, torchrun)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_polar.data.build import BuildConfig, build_triplets
+from megatron_polar.training.checkpointing import LATEST
+from tests.test_build_triplets import good_records, write_jsonl
+from tests.tokenizer_fixture import make_sentencepiece
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items()
+       if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+ENV["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A built dataset, and initial weights every layout starts from (as HF import gives)."""
+    root = tmp_path_factory.mktemp("train")
+    tok = str(make_sentencepiece(root))
+    src = write_jsonl(root / "pairs.jsonl", good_records(300, 5))
+    build_triplets(BuildConfig([src], str(root / "pairs"), tok), progress=False)
+    init = root / "init"
+    train(root, "init", "--train-iters", "0", "--save", str(init), data=(root, tok))
+    return root, tok, init
+
+
+def base_args(root, tok, name):
+    return ["--model-preset", "tiny", "--data-path", str(root / "pairs"), "--tokenizer", tok,
+            "--micro-batch-tokens", "768", "--global-batch-size", "8", "--lr", "2e-3",
+            "--log-interval", "1", "--log-json", str(root / name / "log.jsonl"), "--seed", "7"]
+
+
+def train(root, name, *extra, data, nproc=1, expect_rc=0, timeout=300):
+    (root / name).mkdir(parents=True, exist_ok=True)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", str(nproc), "-m", "megatron_polar.train"] if nproc > 1
+                else [sys.executable, "-m", "megatron_polar.train"])
+    proc = subprocess.run(launcher + base_args(data[0], data[1], name) + list(extra), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == expect_rc, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def records(root, name, kind="train"):
+    path = root / name / "log.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+def losses(root, name):
+    return {r["iteration"]: r["loss"] for r in records(root, name)}
+
+
+def weights(ckpt_dir: Path) -> dict:
+    """Every model tensor of a saved checkpoint, read without building a model."""
+    from megatron.core.dist_checkpointing.serialization import load_plain_tensors
+
+    iteration = int((ckpt_dir / LATEST).read_text())
+    state = load_plain_tensors(str(ckpt_dir / f"iter_{iteration:07d}"))
+    return {k: v for k, v in state.items()
+            if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
+
+
+def test_tp2_pp2_under_torchrun_matches_one_process_and_resumes_at_tp1(data):
+    root, tok, init = data
+    common = ["--pretrained-checkpoint", str(init), "--train-iters", "6", "--valid-fraction",
+              "0.05", "--eval-interval", "6", "--eval-iters", "1"]
+    train(root, "tp1", *common, "--save", str(root / "tp1" / "ckpt"), "--save-interval", "5",
+          data=data)
+    train(root, "tp2pp2", *common, "--tensor-model-parallel-size", "2",
+          "--pipeline-model-parallel-size", "2", "--save", str(root / "tp2pp2" / "ckpt"),
+          "--save-interval", "5", data=data, nproc=4)
+    one, four = losses(root, "tp1"), losses(root, "tp2pp2")
+    assert sorted(one) == sorted(four) == list(range(1, 7))
+    for it in range(1, 6):
+        assert abs(one[it] - four[it]) < 1e-4, (it, one[it], four[it])
+    assert len(set(one.values())) > 1  # it trained
+
+    # Resume the TP2xPP2 checkpoint of iteration 5 in one process: optimizer, scheduler and
+    # sampler are resharded/restored, so iteration 6 and the final validation match.
+    train(root, "tp1_from_tp2pp2", *common, "--load", str(root / "tp2pp2" / "ckpt"),
+          "--ckpt-step", "5", data=data)
+    resumed = losses(root, "tp1_from_tp2pp2")
+    assert list(resumed) == [6]
+    assert abs(resumed[6] - one[6]) < 1e-4
+    v_one, v_resumed = records(root, "tp1", "valid")[-1], records(root, "tp1_from_tp2pp2", "valid")[-1]
+    for key in ("loss", "reward_chosen", "reward_rejected"):
+        assert abs(v_one[key] - v_resumed[key]) < 1e-4, key
+
+
+def test_resume_after_a_crash_is_exact_and_a_crash_mid_save_keeps_the_previous_checkpoint(data, ctx1):
+    root, tok, init = data
+    common = ["--pretrained-checkpoint", str(init), "--train-iters", "8", "--save-interval", "4"]
+
+    def run(name, *extra, expect_rc=0):
+        return train(root, name, *common, "--save", str(root / name / "ckpt"), "--load",
+                     str(root / name / "ckpt"), *extra, data=data, expect_rc=expect_rc)
+
+    run("straight")
+    # Crash after iteration 6 (checkpoint 4 exists), then the same command again.
+    run("crashed", "--exit-after-iteration", "6", expect_rc=3)
+    assert (root / "crashed" / "ckpt" / LATEST).read_text().strip() == "4"
+    out = run("crashed")
+    assert "resumed from" in out and "iteration 4" in out
+    # Die while writing checkpoint 8: checkpoint 4 stays the latest, and a rerun completes.
+    run("mid_save", "--exit-during-save", "8", expect_rc=4)
+    ckpt = root / "mid_save" / "ckpt"
+    assert (ckpt / LATEST).read_text().strip() == "4"
+    assert (ckpt / "iter_0000008.tmp").exists() and not (ckpt / "iter_0000008").exists()
+    run("mid_save")
+    assert not (ckpt / "iter_0000008.tmp").exists()
+
+    straight = losses(root, "straight")
+    crashed, mid_save = records(root, "crashed"), records(root, "mid_save")
+    # The crashed run logged 1..6, then 5..8 after resuming from 4: the repeats are identical.
+    after_resume = {r["iteration"]: r["loss"] for r in crashed[6:]}
+    assert sorted(after_resume) == [5, 6, 7, 8]
+    assert all(after_resume[i] == straight[i] for i in after_resume)
+    assert {r["iteration"]: r["loss"] for r in mid_save[8:]} == {i: straight[i] for i in (5, 6, 7, 8)}
+    final = weights(root / "straight" / "ckpt")
+    assert any("decoder.layers" in k for k in final)
+    for name in ("crashed", "mid_save"):
+        other = weights(root / name / "ckpt")
+        assert final.keys() == other.keys()
+        assert all(torch.equal(final[k], other[k]) for k in final), name
+
+
+def test_nan_steps_are_skipped_counted_and_persistent_nans_stop_the_run(data):
+    root, tok, init = data
+    common = ["--pretrained-checkpoint", str(init), "--train-iters", "5"]
+    out = train(root, "one_nan", *common, "--inject-nan-at", "3", data=data)
+    assert "iteration 3: non-finite loss" in out
+    logged = records(root, "one_nan")
+    assert [r["skipped_steps"] for r in logged] == [0, 0, 1, 1, 1]
+    assert logged[2]["loss"] is None and all(r["loss"] is not None for r in logged[3:])
+    out = train(root, "many_nans", *common, "--inject-nan-at", "2", "3", "4",
+                "--max-consecutive-skipped-steps", "3", data=data, expect_rc=1)
+    assert "stopping at iteration 4: 3 steps in a row (iterations 2-4)" in out
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data):
+    root, tok, init = data
+    ckpt = root / "sigterm" / "ckpt"
+    (root / "sigterm").mkdir()
+    cmd = [sys.executable, "-m", "megatron_polar.train", *base_args(root, tok, "sigterm"),
+           "--pretrained-checkpoint", str(init), "--train-iters", "100000", "--save", str(ckpt)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = root / "sigterm" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = int((ckpt / LATEST).read_text())
+    assert saved >= 2 and f"SIGTERM received: checkpoint saved at iteration {saved}" in out
+
+
+def test_yaml_config_with_flag_overrides_and_clear_errors(data, tmp_path):
+    from megatron_polar.training.arguments import parse_train_args
+
+    root, tok, _ = data
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model-preset: tiny\nglobal_batch_size: 16\nlr: 1.0e-3\ntrain-iters: 3\n"
+                   f"micro-batch-tokens: 512\ndata-path: {root / 'pairs'}\n")
+    args = parse_train_args(["--config", str(cfg), "--lr", "5e-4"])
+    assert (args.global_batch_size, args.lr, args.train_iters) == (16, 5e-4, 3)
+    assert args.data_path == [str(root / "pairs")] and args.min_lr is None
+    cfg.write_text("learning-rate: 1.0\n")
+    with pytest.raises(SystemExit, match="unknown key 'learning-rate'"):
+        parse_train_args(["--config", str(cfg)])
+
+
+def test_sft_needs_initial_weights_and_a_wrong_tokenizer_is_refused(data, tmp_path):
+    root, tok, init = data
+    out = train(root, "sft_bare", "--stage", "sft", "--train-iters", "1", data=data, expect_rc=1)
+    assert "SFT starts from a pre-trained POLAR model" in out
+    other_tok = make_sentencepiece(tmp_path, vocab_size=300)
+    out = train(root, "wrong_tok", "--train-iters", "1", "--tokenizer", str(other_tok),
+                data=data, expect_rc=1)
+    assert "not this run's" in out
+
+
+def test_async_save_keeps_the_last_n_and_resumes_with_tensorboard_logs(data):
+    root, tok, init = data
+    ckpt = root / "async" / "ckpt"
+    common = ["--pretrained-checkpoint", str(init), "--save", str(ckpt), "--load", str(ckpt),
+              "--save-interval", "2", "--async-save", "--keep-last-checkpoints", "2",
+              "--tensorboard-dir", str(root / "async" / "tb")]
+    train(root, "async", *common, "--train-iters", "6", data=data)
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "iter_0000004", "iter_0000006", "latest_checkpointed_iteration.txt"]
+    assert list((root / "async" / "tb").glob("events.out.tfevents.*"))
+    out = train(root, "async", *common, "--train-iters", "8", data=data)
+    assert "resumed from" in out and (ckpt / LATEST).read_text().strip() == "8"
