@@ -10,7 +10,7 @@
 #
 # Environment variables, the container image and the requeue logic: slurm/common.sh.
 # Parallel layout and its memory arithmetic: examples/pretrain_1_8b.yaml
-# (TP=1 PP=1, DP=320: the whole model and 16k-token activations fit one GPU).
+# (TP=1 PP=1, DP=320: the whole model and 24k-token activations fit one GPU).
 #
 # Time limit and restarts: Slurm sends USR1 to this script 300 s before the limit; the
 # trainer then writes a checkpoint and the job requeues itself, resuming from CKPT_DIR.

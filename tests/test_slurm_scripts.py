@@ -174,7 +174,10 @@ def test_config_keys_and_paper_settings(name):
     assert isinstance(got_lr, float) and got_lr == pytest.approx(lr, rel=1e-9)
     for key, value in length.items():
         assert config_value(cfg, key) == value
-    assert config_value(cfg, "micro-batch-tokens") in (16384, 32768)
+    # No pair may be over the budget (it would be skipped): pre-training pairs are at most
+    # 2 x (2 x 1024 prefix + 2 x 4096 response + 3) tokens, SFT pairs 2 x max_length 16384.
+    longest_pair = 2 * (2 * 1024 + 2 * 4096 + 3) if name.startswith("pretrain") else 2 * 16384
+    assert config_value(cfg, "micro-batch-tokens") >= longest_pair
     for key in ("min-lr", "adam-eps", "weight-decay", "clip-grad", "adam-beta1", "adam-beta2",
                 "lr-warmup-fraction"):
         assert isinstance(config_value(cfg, key), float), key

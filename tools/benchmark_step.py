@@ -1,64 +1,83 @@
 #!/usr/bin/env python3
-"""Training-step throughput of a preset: tokens/s (and TFLOP/s, MFU on a GPU).
+"""Training-step throughput through the real trainer (tokens/s; TFLOP/s and MFU on a GPU).
 
-    python tools/benchmark_step.py --model-preset small --micro-batch-tokens 2048
+    python tools/benchmark_step.py --model-preset tiny --micro-batch-tokens 1024
     torchrun --nproc-per-node 8 tools/benchmark_step.py --model-preset internlm2_5-1_8b \
-        --bf16 --micro-batch-tokens 16384 --tensor-model-parallel-size 1
+        --micro-batch-tokens 16384 --bf16 --use-distributed-optimizer
+
+Flags it does not know go to `python -m megatron_polar.train` unchanged (parallel layout,
+precision, recompute, ...). Prints a readable line and one JSON object.
 """
 
 import argparse
 import json
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_polar.model.presets import get_preset  # noqa: E402
-from megatron_polar.training.arguments import add_model_args, run_config_from_args  # noqa: E402
-
 
 def main(argv=None):
-    parser = add_model_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--micro-batch-tokens", type=int, default=4096,
-                        help="token budget of one packed micro-batch")
-    parser.add_argument("--micro-batches", type=int, default=4, help="per DP rank and step")
-    parser.add_argument("--prompt-max", type=int, default=None,
-                        help="longest prompt (default: micro-batch-tokens / 16)")
-    parser.add_argument("--response-max", type=int, default=None,
-                        help="longest response (default: micro-batch-tokens / 8)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--use-distributed-optimizer", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print only the JSON result")
-    args = parser.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-preset", default="tiny")
+    p.add_argument("--micro-batch-tokens", type=int, default=4096)
+    p.add_argument("--micro-batches", type=int, default=4,
+                   help="about this many packed micro-batches per data-parallel rank and step")
+    p.add_argument("--prompt-max", type=int, default=None,
+                   help="longest prompt (default: micro-batch-tokens / 16)")
+    p.add_argument("--response-max", type=int, default=None,
+                   help="longest response (default: micro-batch-tokens / 8)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+    args, trainer_args = p.parse_known_args(argv)
 
-    import torch
-
-    from megatron_polar.training.benchmark import BenchmarkConfig, benchmark_step
-    from megatron_polar.training.parallel import destroy_parallel, initialize_parallel
+    from megatron_polar.model.presets import get_preset
+    from megatron_polar.training.arguments import parse_train_args
+    from megatron_polar.training.benchmark import summarize, world_layout, write_synthetic_dataset
+    from megatron_polar.training.trainer import main as train_main
 
     preset = get_preset(args.model_preset)
-    run = run_config_from_args(args, preset.num_layers)
-    cfg = BenchmarkConfig(
-        micro_batch_tokens=args.micro_batch_tokens, micro_batches=args.micro_batches,
-        prompt_max=args.prompt_max or max(1, args.micro_batch_tokens // 16),
-        response_max=args.response_max or max(1, args.micro_batch_tokens // 8),
-        steps=args.steps, warmup_steps=args.warmup_steps,
-        use_distributed_optimizer=args.use_distributed_optimizer)
-    ctx = initialize_parallel(run)
-    result = benchmark_step(preset, run, cfg, ctx)
-    if torch.distributed.get_rank() == 0:
-        if not args.json:
-            device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-                f"CPU ({torch.get_num_threads()} threads)"
-            mfu = f"{100 * result.mfu:.1f}%" if result.mfu is not None else "n/a"
-            print(f"{preset.name} on {device}: {result.tokens_per_s:,.0f} tokens/s "
-                  f"({result.tokens_per_s_per_gpu:,.0f} per rank), step {result.step_seconds:.3f}s, "
-                  f"{result.tflops_per_gpu:.2f} TFLOP/s per rank, MFU {mfu}, "
-                  f"packing {result.packing_efficiency:.3f}")
-        print(json.dumps(result.as_dict()))
-    destroy_parallel()
+    budget = args.micro_batch_tokens
+    rank, world = world_layout()
+    layout = parse_train_args(trainer_args + ["--data-path", "-", "--micro-batch-tokens", "1",
+                                              "--global-batch-size", "1", "--lr", "1",
+                                              "--train-iters", "1"])
+    dp = world // (layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
+                   * layout.context_parallel_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Every rank writes the same small dataset to its own directory: no shared disk needed.
+        n_pairs = 200 * args.micro_batches * dp
+        mean_pair = write_synthetic_dataset(
+            os.path.join(tmp, "pairs"), preset, n_pairs, budget,
+            args.prompt_max or max(1, budget // 16), args.response_max or max(1, budget // 8))
+        batch = max(dp, round(args.micro_batches * dp * 0.97 * budget / mean_pair))
+        log = os.path.join(tmp, "log.jsonl")
+        rc = train_main(trainer_args + [
+            "--model-preset", args.model_preset, "--data-path", os.path.join(tmp, "pairs"),
+            "--micro-batch-tokens", str(budget), "--global-batch-size", str(batch),
+            "--lr", "1e-5", "--train-iters", str(args.warmup_steps + args.steps),
+            "--log-interval", "1", "--log-json", log])
+        if rc:
+            return rc
+        if rank != 0:
+            return 0
+        result = {"preset": preset.name, "world_size": world, "global_batch_size": batch,
+                  "micro_batch_tokens": budget, **summarize(log, args.warmup_steps)}
+    if not args.json:
+        import torch
+
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+            f"CPU ({torch.get_num_threads()} threads)"
+        mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
+        print(f"{preset.name} on {device}, {world} rank(s): {result['tokens_per_s']:,.0f} "
+              f"tokens/s ({result['tokens_per_s'] / world:,.0f} per rank), step "
+              f"{result['step_seconds']:.3f}s, {result['tflops_per_gpu']:.2f} TFLOP/s per rank, "
+              f"MFU {mfu}, packing {result['packing_efficiency']:.3f}")
+    print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

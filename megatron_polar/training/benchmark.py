@@ -1,129 +1,79 @@
-"""Training-step throughput: tokens/s, and on a GPU model TFLOP/s and MFU.
+"""Training-step throughput through the real trainer: tokens/s, and on a GPU TFLOP/s and MFU.
 
-Random pairs with a POLAR-like length mix (prompt shared by both sequences, reference and
-candidates of independent lengths) are packed into micro-batches of a token budget and run
-through `train_step` (megatron schedules, DDP, optimizer) exactly as training does.
+A synthetic triplet dataset with a POLAR-like length mix (the prompt shared by both
+sequences, reference and candidates of independent lengths, random token ids) is written in
+the trainer's own dataset format, then `python -m megatron_polar.train` runs on it: the
+packing sampler, megatron schedules, DDP, optimizer and logging, exactly as in training.
+The figures are read back from the trainer's JSON log, warm-up steps left out.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+import json
+import os
+from pathlib import Path
 
 import numpy as np
-import torch
-from megatron.core.distributed import DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig
 
-from megatron_polar.data.packing import pack_pairs
-from megatron_polar.model.config import ModelRunConfig
+from megatron_polar.data.build import DTYPE, FORMAT, staged_outputs
 from megatron_polar.model.presets import ModelPreset
-from megatron_polar.training.flops import peak_tflops_of_this_gpu, training_flops
-from megatron_polar.training.parallel import ParallelContext
-from megatron_polar.training.step import build_model_chunks, build_optimizer, train_step
 
 
-@dataclass
-class BenchmarkConfig:
-    micro_batch_tokens: int = 4096  # token budget of one packed micro-batch
-    micro_batches: int = 4  # per data-parallel rank and step
-    prompt_max: int = 1024  # prompt lengths are uniform in 1..prompt_max
-    response_max: int = 4096  # reference / candidate lengths uniform in 1..response_max
-    steps: int = 10
-    warmup_steps: int = 2
-    use_distributed_optimizer: bool = False
-    seed: int = 0
+def write_synthetic_dataset(prefix: str, preset: ModelPreset, n_pairs: int, budget: int,
+                            prompt_max: int, response_max: int, seed: int = 0) -> float:
+    """Random pairs that each fit `budget`; returns the mean pair length."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    total = 0
+    with staged_outputs(prefix) as tmp:
+        builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=DTYPE)
+        written = 0
+        while written < n_pairs:
+            p = int(rng.integers(1, prompt_max + 1))
+            ref, pos, neg = (int(x) for x in rng.integers(1, response_max + 1, 3))
+            n_pos, n_neg = 2 * p + ref + pos + 3, 2 * p + ref + neg + 3
+            if n_pos + n_neg > budget:
+                continue
+            ids = rng.integers(3, preset.vocab_size - 1, n_pos + n_neg).astype(DTYPE)
+            ids[n_pos - 1] = ids[-1] = preset.reward_token_id
+            builder.add_document(ids, [n_pos, n_neg])
+            written += 1
+            total += n_pos + n_neg
+        builder.finalize(str(tmp["idx"]))
+        tmp["rejected"].write_text("")
+        tmp["meta"].write_text(json.dumps({
+            "format": FORMAT, "triplets": n_pairs, "sequences": 2 * n_pairs, "tokens": total,
+            "input_lines": n_pairs, "rejected": 0, "mode": "synthetic",
+            "tokenizer": {"path": f"synthetic:{preset.name}", "sha256": "synthetic"},
+            "special_ids": {"bos_id": preset.bos_token_id, "separator_id": 3,
+                            "reward_token_id": preset.reward_token_id},
+            "vocab_size": preset.vocab_size, "dtype": np.dtype(DTYPE).name,
+            "max_length": budget, "max_response_length": response_max}))
+    return total / n_pairs
 
 
-@dataclass
-class BenchmarkResult:
-    preset: str
-    world_size: int
-    tp: int
-    pp: int
-    dp: int
-    bf16: bool
-    step_seconds: float
-    tokens_per_step: int  # real tokens, whole data-parallel group
-    tokens_per_s: float
-    tokens_per_s_per_gpu: float
-    packing_efficiency: float  # real / computed tokens
-    tflops_per_gpu: float
-    mfu: float | None
-    peak_memory_gib: float | None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def polar_like_pairs(rng: np.random.Generator, vocab: int, reward_id: int, budget: int,
-                     prompt_max: int, response_max: int, target_tokens: int):
-    """Random (s+, s-) pairs until `target_tokens` is reached; each pair fits `budget`."""
-    pairs, total = [], 0
-    while total < target_tokens:
-        p = int(rng.integers(1, prompt_max + 1))
-        ref, pos, neg = (int(rng.integers(1, response_max + 1)) for _ in range(3))
-        n_pos, n_neg = 2 * p + ref + pos + 3, 2 * p + ref + neg + 3
-        if n_pos + n_neg > budget:
-            continue
-        pairs.append((rng.integers(3, vocab - 1, n_pos - 1).tolist() + [reward_id],
-                      rng.integers(3, vocab - 1, n_neg - 1).tolist() + [reward_id]))
-        total += n_pos + n_neg
-    return pairs
+def summarize(log_json: str, warmup_steps: int) -> dict:
+    """Throughput over the logged steps after warm-up (the trainer logs every step)."""
+    records = [r for r in map(json.loads, Path(log_json).read_text().splitlines())
+               if r["kind"] == "train"]
+    timed = [r for r in records if r["iteration"] > warmup_steps]
+    if not timed:
+        raise ValueError(f"{log_json}: no steps after the {warmup_steps} warm-up steps")
+    seconds = sum(r["step_seconds"] for r in timed)
+    tokens = timed[-1]["consumed_tokens"] - (records[warmup_steps - 1]["consumed_tokens"]
+                                             if warmup_steps else 0)
+    last = timed[-1]
+    mem = {k: v for k, v in last.items() if k.startswith("mem_")}
+    return {"steps": len(timed), "step_seconds": seconds / len(timed),
+            "tokens_per_step": tokens / len(timed), "tokens_per_s": tokens / seconds,
+            "tflops_per_gpu": sum(r["tflops_per_gpu"] * r["step_seconds"] for r in timed) / seconds,
+            "mfu": (sum(r["mfu"] * r["step_seconds"] for r in timed) / seconds
+                    if last["mfu"] is not None else None),
+            "packing_efficiency": sum(r["packing_efficiency"] for r in timed) / len(timed),
+            **mem}
 
 
-def benchmark_step(preset: ModelPreset, run: ModelRunConfig, cfg: BenchmarkConfig,
-                   ctx: ParallelContext) -> BenchmarkResult:
-    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                        use_distributed_optimizer=cfg.use_distributed_optimizer)
-    chunks = build_model_chunks(preset, run, ctx, ddp)
-    optimizer = build_optimizer(chunks, OptimizerConfig(
-        optimizer="adam", lr=1e-5, bf16=run.bf16, params_dtype=torch.bfloat16 if run.bf16
-        else torch.float32, use_distributed_optimizer=cfg.use_distributed_optimizer), ctx)
-    rng = np.random.default_rng(cfg.seed * 1000 + ctx.dp_rank)
-
-    def step_batches():
-        pairs = polar_like_pairs(rng, preset.vocab_size, preset.reward_token_id,
-                                 cfg.micro_batch_tokens, cfg.prompt_max, cfg.response_max,
-                                 int(0.97 * cfg.micro_batch_tokens * cfg.micro_batches))
-        return pack_pairs(pairs, cfg.micro_batch_tokens, preset.pad_token_id)
-
-    batches = [step_batches() for _ in range(cfg.warmup_steps + cfg.steps)]
-    for packs in batches[: cfg.warmup_steps]:
-        train_step(chunks, optimizer, packs, ctx)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    _barrier()
-    start = time.perf_counter()
-    for packs in batches[cfg.warmup_steps:]:
-        train_step(chunks, optimizer, packs, ctx)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    _barrier()
-    seconds = (time.perf_counter() - start) / cfg.steps
-
-    timed = [p for packs in batches[cfg.warmup_steps:] for p in packs]
-    lengths = [int(n) for p in timed for n in (p.cu_seqlens[1:] - p.cu_seqlens[:-1]).tolist()]
-    stats = torch.tensor([sum(lengths), sum(p.tokens.shape[1] for p in timed),
-                          training_flops(preset, lengths)], dtype=torch.float64)
-    if torch.distributed.is_initialized() and ctx.dp_size > 1:
-        stats = stats.to("cuda" if torch.cuda.is_available() else "cpu")
-        torch.distributed.all_reduce(stats, group=ctx.pg.dp)
-    real, computed, flops = stats.tolist()
-    world = ctx.tp_size * ctx.pp_size * ctx.dp_size
-    tflops = flops / cfg.steps / seconds / world / 1e12
-    peak = peak_tflops_of_this_gpu()
-    return BenchmarkResult(
-        preset=preset.name, world_size=world, tp=ctx.tp_size, pp=ctx.pp_size, dp=ctx.dp_size,
-        bf16=run.bf16, step_seconds=seconds, tokens_per_step=int(real / cfg.steps),
-        tokens_per_s=real / cfg.steps / seconds, tokens_per_s_per_gpu=real / cfg.steps / seconds / world,
-        packing_efficiency=real / computed, tflops_per_gpu=tflops,
-        mfu=None if peak is None or not run.bf16 else tflops / peak,
-        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-    )
-
-
-def _barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def world_layout() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them, before any process group exists."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -235,9 +235,11 @@ class Trainer:
             s.iteration += 1
             s.consumed_pairs += plan.pairs
             s.consumed_tokens += plan.tokens
-            window.add(result, plan.tokens, training_flops(
-                self.preset, [int(n) for mb in micro_batches
-                              for n in (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()]))
+            lengths = [int(n) for mb in micro_batches
+                       for n in (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()]
+            window.add(result, plan.tokens, training_flops(self.preset, lengths),
+                       local_real=sum(lengths),
+                       local_computed=sum(mb.tokens.shape[1] for mb in micro_batches))
             if result.update_successful:
                 s.consecutive_skipped = 0
             else:
@@ -321,18 +323,21 @@ class Trainer:
 
     def _log_train(self, w: "_Window") -> None:
         s, ctx = self.state, self.ctx
-        flops = torch.tensor([w.local_flops], dtype=torch.float64, device=_device())
+        sums = torch.tensor([w.local_flops, w.local_real, w.local_computed],
+                            dtype=torch.float64, device=_device())
         if ctx.dp_size > 1:  # every TP/PP rank of a replica saw the same data
-            torch.distributed.all_reduce(flops, group=ctx.pg.dp)
+            torch.distributed.all_reduce(sums, group=ctx.pg.dp)
+        flops, real, computed = sums.tolist()
         world = torch.distributed.get_world_size()
-        tflops_per_gpu = float(flops.item()) / w.seconds / world / 1e12
+        tflops_per_gpu = flops / w.seconds / world / 1e12
         peak = self.args.peak_tflops or peak_tflops_of_this_gpu()
         m = w.mean()
         figures = {
             **m, "grad_norm": w.last_grad_norm, "lr": self.scheduler.get_lr(
                 self.optimizer.param_groups[0]),
             "tokens_per_s": w.tokens / w.seconds, "tflops_per_gpu": tflops_per_gpu,
-            "mfu": tflops_per_gpu / peak if peak else None, "skipped_steps": s.skipped_steps,
+            "mfu": tflops_per_gpu / peak if peak else None,
+            "packing_efficiency": real / max(computed, 1), "skipped_steps": s.skipped_steps,
             "consumed_pairs": s.consumed_pairs, "consumed_tokens": s.consumed_tokens,
             "step_seconds": w.seconds / w.steps,
             "data_seconds": self.timers("data").elapsed(), **memory_gib()}
@@ -387,15 +392,19 @@ class _Window:
         self.start = time.perf_counter()
         self.steps = self.tokens = 0
         self.local_flops = 0.0
+        self.local_real = self.local_computed = 0  # this rank's tokens, real and padded
         self.sums = np.zeros(5)
         self.pairs = 0
         self.last_grad_norm: Optional[float] = None
 
-    def add(self, result, tokens: int, local_flops: float) -> None:
+    def add(self, result, tokens: int, local_flops: float, local_real: int,
+            local_computed: int) -> None:
         m = result.metrics
         self.steps += 1
         self.tokens += tokens
         self.local_flops += local_flops
+        self.local_real += local_real
+        self.local_computed += local_computed
         self.last_grad_norm = result.grad_norm
         if result.update_successful:  # a skipped step's NaNs would hide the others' means
             self.sums += m.num_pairs * np.array([m.loss, m.accuracy, m.reward_chosen,
