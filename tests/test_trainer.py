@@ -203,3 +203,10 @@ def test_async_save_keeps_the_last_n_and_resumes_with_tensorboard_logs(data):
     assert list((root / "async" / "tb").glob("events.out.tfevents.*"))
     out = train(root, "async", *common, "--train-iters", "8", data=data)
     assert "resumed from" in out and (ckpt / LATEST).read_text().strip() == "8"
+
+
+def test_fp8_without_te_on_hopper_is_a_clear_error_before_any_work(data):
+    root, tok, _ = data
+    out = train(root, "fp8", "--train-iters", "1", "--fp8-format", "hybrid", data=data,
+                expect_rc=1)
+    assert "FP8 (hybrid) needs Transformer Engine" in out

@@ -31,6 +31,7 @@ from megatron.core.timers import Timers
 from megatron_polar.data.dataset import BlendSpec, DatasetError, TripletStream
 from megatron_polar.data.sampler import PackingSampler
 from megatron_polar.model.presets import ModelPreset, get_preset
+from megatron_polar.model.spec import resolve_use_te
 from megatron_polar.training.arguments import parse_train_args, run_config_from_args
 from megatron_polar.training.checkpointing import (CheckpointError, CheckpointWriter,
                                                    latest_iteration, load_checkpoint,
@@ -73,6 +74,10 @@ class Trainer:
     def __init__(self, args, preset: ModelPreset, ctx: ParallelContext, reporter: Reporter):
         self.args, self.preset, self.ctx, self.reporter = args, preset, ctx, reporter
         self.run_config = run_config_from_args(args, preset.num_layers)
+        try:  # FP8, context parallelism, TP overlap: refused up front where they cannot run
+            resolve_use_te(self.run_config)
+        except RuntimeError as e:
+            raise TrainingStopped(str(e)) from None
         self.timers = Timers(log_level=2, log_option="max")
         self._hyperparameters()
         self._data()
@@ -128,6 +133,13 @@ class Trainer:
         # parallelism into 2 x CP chunks.
         cp = self.run_config.context_parallel_size
         self.pad_multiple = math.lcm(64, ctx.tp_size * (2 * cp if cp > 1 else 1))
+        if self.run_config.tp_comm_overlap:
+            # TE's userbuffers are registered for one activation shape: every pack is padded
+            # to the whole budget (packing efficiency drops to the budget fill).
+            if a.micro_batch_tokens is None:
+                raise TrainingStopped("--tp-comm-overlap needs --micro-batch-tokens (one fixed "
+                                      "activation shape)")
+            self.pad_multiple = a.micro_batch_tokens
         self.sampler = self._sampler(self.train_stream)
         if a.micro_batch_size is not None:  # Megatron's fixed micro-batch: its calculator
             init_num_microbatches_calculator(torch.distributed.get_rank(), None,
@@ -159,6 +171,8 @@ class Trainer:
             grad_reduce_in_fp32=True, overlap_grad_reduce=a.overlap_grad_reduce,
             overlap_param_gather=a.overlap_param_gather,
             use_distributed_optimizer=a.use_distributed_optimizer)
+        if run.tp_comm_overlap:
+            self._initialize_userbuffers()
         self.chunks = build_model_chunks(self.preset, run, self.ctx, ddp)
         self.optimizer = build_optimizer(self.chunks, OptimizerConfig(
             optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
@@ -173,6 +187,16 @@ class Trainer:
             lr_warmup_steps=round(a.lr_warmup_fraction * steps), lr_decay_steps=steps,
             lr_decay_style=a.lr_decay_style, start_wd=a.weight_decay, end_wd=a.weight_decay,
             wd_incr_steps=steps, wd_incr_style="constant")
+
+    def _initialize_userbuffers(self) -> None:
+        """TE userbuffers for TP communication overlap, sized for one full pack (GPU only;
+        `resolve_use_te` has already refused this flag without TE on a GPU)."""
+        from transformer_engine.pytorch import module as te_module
+
+        cp = self.run_config.context_parallel_size
+        te_module.base.initialize_ub(
+            shape=[self.args.micro_batch_tokens // cp, self.preset.hidden_size],
+            tp_size=self.ctx.tp_size, use_fp8=self.run_config.fp8.enabled)
 
     def _resume(self) -> None:
         a, ctx = self.args, self.ctx
