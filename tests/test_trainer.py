@@ -48,7 +48,7 @@ def train(root, name, *extra, data, nproc=1, expect_rc=0, timeout=300):
     proc = subprocess.run(launcher + base_args(data[0], data[1], name) + list(extra), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == expect_rc, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
+    return proc.stdout if expect_rc == 0 else proc.stdout + proc.stderr
 
 
 def records(root, name, kind="train"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -455,9 +456,9 @@ def main(argv=None) -> int:
     try:
         return Trainer(args, preset, ctx, reporter).run()
     except (TrainingStopped, DatasetError, CheckpointError) as e:
-        reporter.print(f"error: {e}")
-        if torch.distributed.get_rank() != 0:
-            print(f"error: {e}", flush=True)
+        # Every rank reaches the same decision; one line is enough.
+        if torch.distributed.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         reporter.close()
