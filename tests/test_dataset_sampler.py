@@ -9,7 +9,8 @@ import pytest
 
 from megatron_polar.data.build import BuildConfig, build_triplets
 from megatron_polar.data.dataset import BlendSpec, DatasetError, TripletDataset, TripletStream
-from megatron_polar.data.sampler import PackingSampler, best_fit_decreasing, deal_to_ranks
+from megatron_polar.data.packing import best_fit_decreasing
+from megatron_polar.data.sampler import PackingSampler, deal_to_ranks
 from megatron_polar.data.tokenizer import PolarTokenizer
 from tests.test_build_triplets import good_records, write_jsonl
 from tests.tokenizer_fixture import make_sentencepiece

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_polar.data.packing import (build_padded_batch, first_fit_decreasing, pack_pairs,
+from megatron_polar.data.packing import (best_fit_decreasing, build_padded_batch, pack_pairs,
                                          pair_length)
 
 
@@ -11,17 +11,17 @@ def make_pairs(lengths):
     return [([next(token) for _ in range(a)], [next(token) for _ in range(b)]) for a, b in lengths]
 
 
-def test_first_fit_decreasing_respects_budget_and_keeps_every_item():
+def test_best_fit_decreasing_respects_budget_and_keeps_every_item():
     lengths = [7, 3, 9, 2, 5, 5, 1, 8]
-    bins = first_fit_decreasing(lengths, 10)
+    bins = best_fit_decreasing(lengths, 10)
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
-    assert len(bins) == 4  # 40 tokens in bins of 10: FFD finds the optimum (9+1, 8+2, 7+3, 5+5)
+    assert len(bins) == 4  # 40 tokens in bins of 10: BFD finds the optimum (9+1, 8+2, 7+3, 5+5)
 
 
-def test_first_fit_decreasing_rejects_oversize_item():
+def test_best_fit_decreasing_rejects_oversize_item():
     with pytest.raises(ValueError, match="pair 1 has 12 tokens"):
-        first_fit_decreasing([3, 12], 10)
+        best_fit_decreasing([3, 12], 10)
 
 
 def test_pack_layout_positions_boundaries_and_end_padding():

@@ -34,16 +34,14 @@ def main(argv=None):
     args, trainer_args = p.parse_known_args(argv)
 
     from megatron_polar.model.presets import get_preset
-    from megatron_polar.training.arguments import parse_train_args
+    from megatron_polar.training.arguments import build_train_parser
     from megatron_polar.training.benchmark import summarize, world_layout, write_synthetic_dataset
     from megatron_polar.training.trainer import main as train_main
 
     preset = get_preset(args.model_preset)
     budget = args.micro_batch_tokens
     rank, world = world_layout()
-    layout = parse_train_args(trainer_args + ["--data-path", "-", "--micro-batch-tokens", "1",
-                                              "--global-batch-size", "1", "--lr", "1",
-                                              "--train-iters", "1"])
+    layout, _ = build_train_parser().parse_known_args(trainer_args)  # just the parallel sizes
     dp = world // (layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
                    * layout.context_parallel_size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import tempfile
 import time
@@ -130,7 +131,7 @@ def against_megatron_lm(megatron_lm: Path, n_records: int, workers: int, workdir
     text_in.write_text("".join(json.dumps({"text": "\n".join(
         r[k] for k in ("prompt", "reference", "chosen", "rejected"))}) + "\n" for r in records))
     repo = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in __import__("os").environ.items()
+    env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     runs = {
         "build_triplets": [sys.executable, str(repo / "tools/build_triplets.py"), "--input",

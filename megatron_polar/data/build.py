@@ -247,6 +247,17 @@ def staged_outputs(prefix: str) -> Iterator[dict[str, Path]]:
         os.replace(tmp[kind], paths[kind])
 
 
+def dataset_meta(*, triplets: int, tokens: int, tokenizer: dict, special_ids: dict,
+                 vocab_size: int, max_length: int, max_response_length: int, mode: str,
+                 **extra) -> dict:
+    """The `.meta.json` of a dataset: what readers check (format, counts, tokenizer identity,
+    special ids, vocabulary, dtype) plus whatever the writer records in `extra`."""
+    return {"format": FORMAT, "triplets": triplets, "sequences": 2 * triplets,
+            "tokens": tokens, "tokenizer": tokenizer, "special_ids": special_ids,
+            "vocab_size": vocab_size, "dtype": np.dtype(DTYPE).name, "max_length": max_length,
+            "max_response_length": max_response_length, "mode": mode, **extra}
+
+
 def read_meta(prefix: str) -> dict:
     """The metadata of a built dataset, checked to be of this format."""
     path = output_paths(prefix)["meta"]
@@ -333,20 +344,17 @@ def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
                 bar.update(summary)
             builder.finalize(str(tmp["idx"]))
             summary.seconds = time.perf_counter() - start
-            meta = {
-                "format": FORMAT,
-                "triplets": summary.triplets, "sequences": 2 * summary.triplets,
-                "tokens": summary.tokens, "input_lines": summary.read,
-                "rejected": summary.rejected, "unused_trajectories": summary.unused,
-                "tokenizer": tokenizer.identity().as_dict(),
-                "special_ids": tokenizer.special_ids(),
-                "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(DTYPE).name,
-                "max_length": cfg.max_length, "max_response_length": cfg.max_response_length,
-                "mode": ("trajectories" if cfg.from_trajectories else
-                         "rankings" if cfg.from_rankings else "triplets"),
-                "partition": [cfg.partition_index, cfg.partitions], "inputs": files,
-                "command": cfg.command,
-            }
+            meta = dataset_meta(
+                triplets=summary.triplets, tokens=summary.tokens,
+                tokenizer=tokenizer.identity().as_dict(), special_ids=tokenizer.special_ids(),
+                vocab_size=tokenizer.vocab_size, max_length=cfg.max_length,
+                max_response_length=cfg.max_response_length,
+                mode=("trajectories" if cfg.from_trajectories else
+                      "rankings" if cfg.from_rankings else "triplets"),
+                input_lines=summary.read, rejected=summary.rejected,
+                unused_trajectories=summary.unused,
+                partition=[cfg.partition_index, cfg.partitions], inputs=files,
+                command=cfg.command)
             tmp["meta"].write_text(json.dumps(meta, indent=2))
     finally:
         if pool is not None:

@@ -8,8 +8,9 @@ attention never crosses them, and padding (if any) sits only at the end of the p
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -64,28 +65,28 @@ def pair_length(pair: Pair) -> int:
     return len(pair[0]) + len(pair[1])
 
 
-def first_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Assign items to bins of capacity `budget`, longest first, each into the first bin it fits.
-
-    Returns bins of item indices; within a bin, indices keep their input order so the result
-    does not depend on ties in the sort. An item longer than the budget is an error.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+def best_fit_decreasing(lengths: Mapping[int, int] | Sequence[int], budget: int) -> list[list[int]]:
+    """Pack items into bins of capacity `budget`: longest first (ties by key), each into the
+    fullest bin that still has room. `lengths` maps keys to lengths (a sequence: index ->
+    length). Returns the keys of each bin in the order they went in. An item longer than the
+    budget is an error."""
+    if not isinstance(lengths, Mapping):
+        lengths = dict(enumerate(lengths))
     bins: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        n = lengths[i]
+    rooms: list[tuple[int, int]] = []  # (room left, bin index), sorted
+    for key in sorted(lengths, key=lambda k: (-lengths[k], k)):
+        n = lengths[key]
         if n > budget:
-            raise ValueError(f"pair {i} has {n} tokens, more than the micro-batch budget {budget}")
-        for b, room in enumerate(free):
-            if n <= room:
-                bins[b].append(i)
-                free[b] -= n
-                break
+            raise ValueError(f"pair {key} has {n} tokens, more than the micro-batch budget {budget}")
+        i = bisect.bisect_left(rooms, (n, -1))
+        if i < len(rooms):
+            room, b = rooms.pop(i)
+            bins[b].append(key)
+            bisect.insort(rooms, (room - n, b))
         else:
-            bins.append([i])
-            free.append(budget - n)
-    return [sorted(b) for b in bins]
+            bins.append([key])
+            bisect.insort(rooms, (budget - n, len(bins) - 1))
+    return bins
 
 
 def build_packed_micro_batch(pairs: Sequence[Pair], pad_to: int, pad_id: int,
@@ -115,12 +116,13 @@ def build_packed_micro_batch(pairs: Sequence[Pair], pad_to: int, pad_id: int,
 
 def pack_pairs(pairs: Sequence[Pair], token_budget: int, pad_id: int,
                pad_multiple: int = 16) -> list[PackedMicroBatch]:
-    """Pack `pairs` into as few micro-batches of at most `token_budget` tokens as first-fit
+    """Pack `pairs` into as few micro-batches of at most `token_budget` tokens as best-fit
     decreasing finds. All packs share one length (the longest pack rounded up to `pad_multiple`,
     at most the budget) so pipeline stages exchange tensors of a fixed shape."""
     if not pairs:
         return []
-    bins = first_fit_decreasing([pair_length(p) for p in pairs], token_budget)
+    # Indices in input order within a pack, so the layout does not depend on sort ties.
+    bins = [sorted(b) for b in best_fit_decreasing([pair_length(p) for p in pairs], token_budget)]
     longest = max(sum(pair_length(pairs[i]) for i in b) for b in bins)
     pad_to = min(token_budget, -(-longest // pad_multiple) * pad_multiple)
     pad_to = max(pad_to, longest)

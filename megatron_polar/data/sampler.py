@@ -24,14 +24,14 @@ the index until it materialises its own packs, so the state is the same on all r
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import logging
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron_polar.data.dataset import TripletStream
-from megatron_polar.data.packing import PackedMicroBatch, build_packed_micro_batch
+from megatron_polar.data.packing import (PackedMicroBatch, best_fit_decreasing,
+                                         build_packed_micro_batch)
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +43,6 @@ class StepPlan:
     per_rank: list[list[list[int]]]
     tokens: int  # real tokens of the step, all ranks
     pairs: int
-
-
-def best_fit_decreasing(lengths: dict[int, int], budget: int) -> list[list[int]]:
-    """Pack items (key -> length) into bins of `budget`: longest first, each into the fullest
-    bin that still has room. Returns the keys of each bin."""
-    bins: list[list[int]] = []
-    rooms: list[tuple[int, int]] = []  # (room left, bin index), sorted
-    for key in sorted(lengths, key=lambda k: (-lengths[k], k)):
-        n = lengths[key]
-        i = bisect.bisect_left(rooms, (n, -1))
-        if i < len(rooms):
-            room, b = rooms.pop(i)
-            bins[b].append(key)
-            bisect.insort(rooms, (room - n, b))
-        else:
-            bins.append([key])
-            bisect.insort(rooms, (budget - n, len(bins) - 1))
-    return bins
 
 
 def deal_to_ranks(packs: list[list[int]], lengths: dict[int, int], dp_size: int) -> list[list[list[int]]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_polar.data.build import DTYPE, FORMAT, staged_outputs
+from megatron_polar.data.build import DTYPE, dataset_meta, staged_outputs
 from megatron_polar.model.presets import ModelPreset
 
 
@@ -42,14 +42,13 @@ def write_synthetic_dataset(prefix: str, preset: ModelPreset, n_pairs: int, budg
             total += n_pos + n_neg
         builder.finalize(str(tmp["idx"]))
         tmp["rejected"].write_text("")
-        tmp["meta"].write_text(json.dumps({
-            "format": FORMAT, "triplets": n_pairs, "sequences": 2 * n_pairs, "tokens": total,
-            "input_lines": n_pairs, "rejected": 0, "mode": "synthetic",
-            "tokenizer": {"path": f"synthetic:{preset.name}", "sha256": "synthetic"},
-            "special_ids": {"bos_id": preset.bos_token_id, "separator_id": 3,
-                            "reward_token_id": preset.reward_token_id},
-            "vocab_size": preset.vocab_size, "dtype": np.dtype(DTYPE).name,
-            "max_length": budget, "max_response_length": response_max}))
+        tmp["meta"].write_text(json.dumps(dataset_meta(
+            triplets=n_pairs, tokens=total,
+            tokenizer={"path": f"synthetic:{preset.name}", "sha256": "synthetic"},
+            special_ids={"bos_id": preset.bos_token_id, "separator_id": 3,
+                         "reward_token_id": preset.reward_token_id},
+            vocab_size=preset.vocab_size, max_length=budget, max_response_length=response_max,
+            mode="synthetic", input_lines=n_pairs, rejected=0)))
     return total / n_pairs
 
 

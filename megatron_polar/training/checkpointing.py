@@ -69,6 +69,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rank 0 moves a finished checkpoint into place (over an older one of the same name)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
 def _is_dist_checkpoint(directory: Path) -> bool:
     return (directory / "metadata.json").is_file()
 
@@ -86,9 +93,7 @@ def save_model_weights(chunks, directory: str | os.PathLike) -> Path:
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
     _barrier()
     if _rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _replace_dir(tmp, final)
     _barrier()
     return final
 
@@ -158,9 +163,9 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _optimizer_metadata(optimizer) -> dict:
-    # Reshardable across TP/PP/DP (the default DP-only format would pin the layout).
-    return {"distrib_optim_sharding_type": "fully_reshardable"}
+# The distributed optimizer's state reshardable across TP/PP/DP (a DP-only format would pin
+# the layout).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def training_state_dict(chunks, optimizer, ctx, common: Optional[dict] = None,
@@ -169,7 +174,7 @@ def training_state_dict(chunks, optimizer, ctx, common: Optional[dict] = None,
     state = model_sharded_state_dict(chunks)
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
-            state, is_loading=is_loading, metadata=_optimizer_metadata(optimizer))
+            state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     if with_rng:
         state["rng_state"] = _rng_state(ctx)
     if common is not None:
@@ -229,9 +234,7 @@ class CheckpointWriter:
         if self.fault_hook is not None:
             self.fault_hook("before_publish", iteration)
         if _rank() == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _replace_dir(tmp, final)
             _fsync_dir(self.save_dir)
             marker_tmp = self.save_dir / (LATEST + ".tmp")
             marker_tmp.write_text(f"{iteration}\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +19,8 @@ from megatron_polar.model.reward_model import rewards_at
 
 # Order of the per-micro-batch sums returned under "pair_stats".
 _STATS = ("loss", "correct", "chosen", "rejected", "margin", "pairs")
+# The per-pair means of PairMetrics, in field order.
+_MEANS = ("loss", "accuracy", "reward_chosen", "reward_rejected", "margin")
 
 
 def pairwise_loss(reward_positions: torch.Tensor, token_scores: torch.Tensor):
@@ -50,6 +53,9 @@ class PairMetrics:
     margin: float
     num_pairs: int
 
+    def means(self) -> dict:
+        return {k: getattr(self, k) for k in _MEANS}
+
     @classmethod
     def from_sums(cls, sums: torch.Tensor) -> "PairMetrics":
         s = dict(zip(_STATS, sums.tolist()))
@@ -57,6 +63,22 @@ class PairMetrics:
         return cls(loss=s["loss"] / n, accuracy=s["correct"] / n, reward_chosen=s["chosen"] / n,
                    reward_rejected=s["rejected"] / n, margin=s["margin"] / n,
                    num_pairs=int(s["pairs"]))
+
+
+class PairMetricsMean:
+    """Pair-weighted means of PairMetrics over several steps (a log window, a validation)."""
+
+    def __init__(self):
+        self.sums = np.zeros(len(_MEANS))
+        self.pairs = 0
+
+    def add(self, m: PairMetrics) -> None:
+        self.sums += m.num_pairs * np.array([getattr(m, k) for k in _MEANS])
+        self.pairs += m.num_pairs
+
+    def result(self) -> PairMetrics:
+        means = self.sums / self.pairs if self.pairs else np.full(len(_MEANS), np.nan)
+        return PairMetrics(*means.tolist(), num_pairs=self.pairs)
 
 
 def reduce_pair_stats(outputs: list[dict], group) -> PairMetrics:

@@ -78,6 +78,22 @@ def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> Paral
     return ctx
 
 
+def compute_device() -> torch.device:
+    """This rank's GPU, or the CPU on a machine without CUDA."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True if `flag` is true on any rank: clocks and signals differ, and every rank must act
+    together."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=compute_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now (rendezvous for a group of one)."""
     with socket.socket() as s:

@@ -23,12 +23,7 @@ from megatron_polar.model.presets import ModelPreset
 from megatron_polar.model.reward_model import PolarRewardModel, keep_reward_head_fp32, rewards_at
 from megatron_polar.model.spec import build_layer_spec, resolve_use_te
 from megatron_polar.training.objective import PairMetrics, pairwise_loss, reduce_pair_stats
-from megatron_polar.training.parallel import ParallelContext
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+from megatron_polar.training.parallel import ParallelContext, compute_device
 
 
 def build_model_chunks(
@@ -59,7 +54,7 @@ def build_model_chunks(
         model.model_type = ModelType.encoder_or_decoder
         for param in model.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-        model.to(_device())
+        model.to(compute_device())
         if run.bf16:
             model = Float16Module(config, model)
             keep_reward_head_fp32(model)
@@ -113,7 +108,7 @@ class StepResult:
 
 def _pair_forward_step(data_iterator, model, poison_loss: bool = False):
     batch: PackedMicroBatch = next(data_iterator)
-    device = _device()
+    device = compute_device()
     scores = model(batch.tokens.to(device), batch.position_ids.to(device), None,
                    packed_seq_params=batch.to(device).packed_seq_params())
     loss_func = partial(pairwise_loss, batch.reward_positions)
@@ -153,11 +148,11 @@ def guarded_optimizer_step(optimizer, loss_is_finite: bool) -> tuple[bool, Optio
 
 def _broadcast_metrics(metrics_sums: Optional[PairMetrics], ctx: ParallelContext) -> PairMetrics:
     """Metrics live on the last pipeline stage; give every rank the same values."""
-    vals = torch.zeros(6, dtype=torch.float64, device=_device())
+    vals = torch.zeros(6, dtype=torch.float64, device=compute_device())
     if metrics_sums is not None:
         m = metrics_sums
         vals = torch.tensor([m.loss, m.accuracy, m.reward_chosen, m.reward_rejected, m.margin,
-                             m.num_pairs], dtype=torch.float64, device=_device())
+                             m.num_pairs], dtype=torch.float64, device=compute_device())
     if ctx.pp_size > 1:
         torch.distributed.broadcast(vals, src=ctx.pp_last_global_rank, group=ctx.pg.pp)
     v = vals.tolist()
@@ -165,7 +160,7 @@ def _broadcast_metrics(metrics_sums: Optional[PairMetrics], ctx: ParallelContext
 
 
 def _run_schedule(chunks, micro_batches: Sequence[PackedMicroBatch], forward_only: bool, ctx,
-                  poison_loss: bool = False):
+                  forward_step=_pair_forward_step):
     if not micro_batches:
         raise ValueError("a step needs at least one micro-batch on every data-parallel rank")
     lengths = {mb.tokens.shape[1] for mb in micro_batches}
@@ -175,7 +170,7 @@ def _run_schedule(chunks, micro_batches: Sequence[PackedMicroBatch], forward_onl
     seq_length = max(lengths)
     iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     return get_forward_backward_func()(
-        forward_step_func=partial(_pair_forward_step, poison_loss=poison_loss),
+        forward_step_func=forward_step,
         data_iterator=iterators,
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(micro_batches),
@@ -194,7 +189,7 @@ def train_step(chunks, optimizer, micro_batches: Sequence[PackedMicroBatch],
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     outputs = _run_schedule(chunks, micro_batches, forward_only=False, ctx=ctx,
-                            poison_loss=poison_loss)
+                            forward_step=partial(_pair_forward_step, poison_loss=poison_loss))
     local = reduce_pair_stats(outputs, ctx.pg.dp) if ctx.is_last_stage else None
     metrics = _broadcast_metrics(local, ctx)
     update_successful, grad_norm = guarded_optimizer_step(optimizer, math.isfinite(metrics.loss))
@@ -238,13 +233,7 @@ def score_packed(chunks, micro_batches: Sequence[PackedMicroBatch], ctx) -> Opti
     for chunk in chunks:
         chunk.eval()
     try:
-        iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
-        get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iterators,
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(micro_batches),
-            seq_length=max(mb.tokens.shape[1] for mb in micro_batches),
-            micro_batch_size=1, forward_only=True)
+        _run_schedule(chunks, micro_batches, forward_only=True, ctx=ctx, forward_step=step)
     finally:
         for chunk in chunks:
             chunk.train()
@@ -257,7 +246,7 @@ def score_padded(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
     core = unwrap(model)
     if not (core.pre_process and core.post_process):
         raise ValueError("score_padded needs the whole model on one stage; use score_packed with PP")
-    device = _device()
+    device = compute_device()
     was_training = model.training
     model.eval()
     try:

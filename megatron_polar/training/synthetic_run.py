@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -21,7 +20,8 @@ from megatron_polar.data.synthetic import SyntheticTask
 from megatron_polar.model.config import ModelRunConfig
 from megatron_polar.model.presets import get_preset
 from megatron_polar.training.objective import PairMetrics
-from megatron_polar.training.parallel import ParallelContext, initialize_parallel, seed_everything
+from megatron_polar.training.parallel import (ParallelContext, any_rank, initialize_parallel,
+                                              seed_everything)
 from megatron_polar.training.step import (build_model_chunks, build_optimizer, evaluate_pairs,
                                           train_step)
 
@@ -96,7 +96,7 @@ def run_synthetic(cfg: SyntheticRunConfig, log: Callable[[str], None] = print,
 
     history, tokens, start, step = [], 0, time.perf_counter(), 0
     while step < cfg.max_steps:
-        if cfg.time_budget_s is not None and _any_rank(time.perf_counter() - start > cfg.time_budget_s):
+        if cfg.time_budget_s is not None and any_rank(time.perf_counter() - start > cfg.time_budget_s):
             break
         # Fresh policies every step: nothing to memorise, only the comparison to learn.
         pairs = task.pairs(None, cfg.pairs_per_step, seed=cfg.run.seed * 1_000_003 + step)
@@ -123,11 +123,3 @@ def _my_packs(pairs, cfg: SyntheticRunConfig, ctx: ParallelContext, pad_id: int)
     """This data-parallel rank's share of the pairs, packed."""
     return pack_pairs(pairs[ctx.dp_rank::ctx.dp_size], cfg.token_budget, pad_id)
 
-
-def _any_rank(flag: bool) -> bool:
-    """True if `flag` is true on any rank: clocks differ, and every rank must stop together."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())

@@ -40,8 +40,9 @@ from megatron_polar.training.checkpointing import (CheckpointError, CheckpointWr
                                                    training_state_dict)
 from megatron_polar.training.flops import peak_tflops_of_this_gpu, training_flops
 from megatron_polar.training.hparams import polar_hparams
-from megatron_polar.training.objective import PairMetrics
-from megatron_polar.training.parallel import ParallelContext, destroy_parallel, initialize_parallel
+from megatron_polar.training.objective import PairMetrics, PairMetricsMean
+from megatron_polar.training.parallel import (ParallelContext, any_rank, compute_device,
+                                              destroy_parallel, initialize_parallel)
 from megatron_polar.training.reporting import Reporter, memory_gib
 from megatron_polar.training.step import build_model_chunks, build_optimizer, evaluate_pairs, train_step
 
@@ -59,16 +60,6 @@ class TrainState:
     consumed_tokens: int = 0
     skipped_steps: int = 0
     consecutive_skipped: int = 0
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([int(flag)], device=_device())
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 class Trainer:
@@ -263,7 +254,6 @@ class Trainer:
             lengths = [int(n) for mb in micro_batches
                        for n in (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()]
             window.add(result, plan.tokens, training_flops(self.preset, lengths),
-                       local_real=sum(lengths),
                        local_computed=sum(mb.tokens.shape[1] for mb in micro_batches))
             if result.update_successful:
                 s.consecutive_skipped = 0
@@ -296,7 +286,7 @@ class Trainer:
             window.start += time.perf_counter() - paused
             if a.exit_after_iteration == s.iteration:  # fault injection: a crash, no clean-up
                 _crash(3)
-            if _any_rank(self._signal):
+            if any_rank(self._signal):
                 if self.writer and last_saved != s.iteration:
                     self.save()
                 if self.writer:
@@ -325,20 +315,12 @@ class Trainer:
             return None
         self.timers("eval").start()
         sampler = self._sampler(self.valid_stream)
-        sums = np.zeros(5)
-        pairs = 0
+        mean = PairMetricsMean()
         for _ in range(self.args.eval_iters):
-            m = evaluate_pairs(self.chunks, sampler.next_step(), self.ctx)
-            sums += m.num_pairs * np.array([m.loss, m.accuracy, m.reward_chosen,
-                                            m.reward_rejected, m.margin])
-            pairs += m.num_pairs
+            mean.add(evaluate_pairs(self.chunks, sampler.next_step(), self.ctx))
         self.timers("eval").stop()
-        mean = sums / max(pairs, 1)
-        metrics = PairMetrics(*mean.tolist(), num_pairs=pairs)
-        figures = {"loss": metrics.loss, "accuracy": metrics.accuracy,
-                   "reward_chosen": metrics.reward_chosen,
-                   "reward_rejected": metrics.reward_rejected, "margin": metrics.margin,
-                   "pairs": pairs, "seconds": self.timers("eval").elapsed()}
+        metrics, pairs = mean.result(), mean.pairs
+        figures = {**metrics.means(), "pairs": pairs, "seconds": self.timers("eval").elapsed()}
         self.reporter.log("valid", self.state.iteration, figures,
                           f"validation at iteration {self.state.iteration}: loss "
                           f"{metrics.loss:.4f} | accuracy {metrics.accuracy:.3f} | r+ "
@@ -349,14 +331,14 @@ class Trainer:
     def _log_train(self, w: "_Window") -> None:
         s, ctx = self.state, self.ctx
         sums = torch.tensor([w.local_flops, w.local_real, w.local_computed],
-                            dtype=torch.float64, device=_device())
+                            dtype=torch.float64, device=compute_device())
         if ctx.dp_size > 1:  # every TP/PP rank of a replica saw the same data
             torch.distributed.all_reduce(sums, group=ctx.pg.dp)
         flops, real, computed = sums.tolist()
         world = torch.distributed.get_world_size()
         tflops_per_gpu = flops / w.seconds / world / 1e12
         peak = self.args.peak_tflops or peak_tflops_of_this_gpu()
-        m = w.mean()
+        m = w.metrics.result().means()
         figures = {
             **m, "grad_norm": w.last_grad_norm, "lr": self.scheduler.get_lr(
                 self.optimizer.param_groups[0]),
@@ -418,33 +400,22 @@ class _Window:
         self.steps = self.tokens = 0
         self.local_flops = 0.0
         self.local_real = self.local_computed = 0  # this rank's tokens, real and padded
-        self.sums = np.zeros(5)
-        self.pairs = 0
+        self.metrics = PairMetricsMean()
         self.last_grad_norm: Optional[float] = None
 
-    def add(self, result, tokens: int, local_flops: float, local_real: int,
-            local_computed: int) -> None:
-        m = result.metrics
+    def add(self, result, tokens: int, local_flops: float, local_computed: int) -> None:
         self.steps += 1
         self.tokens += tokens
         self.local_flops += local_flops
-        self.local_real += local_real
+        self.local_real += result.num_tokens
         self.local_computed += local_computed
         self.last_grad_norm = result.grad_norm
         if result.update_successful:  # a skipped step's NaNs would hide the others' means
-            self.sums += m.num_pairs * np.array([m.loss, m.accuracy, m.reward_chosen,
-                                                 m.reward_rejected, m.margin])
-            self.pairs += m.num_pairs
+            self.metrics.add(result.metrics)
 
     @property
     def seconds(self) -> float:
         return max(time.perf_counter() - self.start, 1e-9)
-
-    def mean(self) -> dict:
-        keys = ("loss", "accuracy", "reward_chosen", "reward_rejected", "margin")
-        if not self.pairs:
-            return dict.fromkeys(keys, float("nan"))
-        return dict(zip(keys, (self.sums / self.pairs).tolist()))
 
 
 def main(argv=None) -> int:
