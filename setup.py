@@ -15,9 +15,11 @@ setup(
         "sentencepiece",
         "psutil",  # megatron's dist_checkpointing needs it
         "pyyaml",  # trainer --config files
+        "safetensors",  # HF import/export (tools/convert_hf.py)
     ],
     extras_require={
-        "test": ["pytest>=8", "tokenizers", "tensorboard"],
+        # transformers: the independent Llama implementation the HF conversion is checked against
+        "test": ["pytest>=8", "tokenizers", "tensorboard", "transformers"],
         "hf": ["transformers", "safetensors", "tokenizers"],
         "serve": ["nvidia-pytriton"],
         # NGC PyTorch containers ship both; listed for bare-metal GPU installs.

@@ -36,9 +36,9 @@ def main(argv=None):
     from megatron_polar.training.parallel import destroy_parallel
     from megatron_polar.training.synthetic_run import SyntheticRunConfig, run_synthetic
 
-    run = run_config_from_args(args, get_preset(args.model_preset).num_layers)
+    run = run_config_from_args(args, get_preset(args.model_preset or "tiny").num_layers)
     cfg = SyntheticRunConfig(
-        model_preset=args.model_preset, run=run, pairs_per_step=args.global_batch_size,
+        model_preset=args.model_preset or "tiny", run=run, pairs_per_step=args.global_batch_size,
         token_budget=args.micro_batch_tokens, lr=args.lr, min_lr=args.min_lr,
         max_steps=args.train_iters, time_budget_s=args.time_budget or None)
     rank0 = int(os.environ.get("RANK", "0")) == 0

@@ -35,6 +35,10 @@ def synthetic_records(n: int, seed: int = 0) -> list[dict]:
 
 
 def train_tokenizer(directory: Path, vocab_size: int = 4000) -> Path:
+    """A sentencepiece model trained on the synthetic words, set up like InternLM2's: identity
+    normalisation with whitespace kept, byte fallback (its HF fast converter treats it so:
+    Replace(" ", "▁") plus prepend, ByteFallback decoder). Such a model round-trips text, so
+    the build takes its fast path (encoding.py) where nothing needs truncation."""
     import io
 
     import sentencepiece as spm
@@ -45,7 +49,8 @@ def train_tokenizer(directory: Path, vocab_size: int = 4000) -> Path:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
                                    vocab_size=vocab_size, hard_vocab_limit=False,
                                    user_defined_symbols=["<|reward|>", "[UNUSED_TOKEN_130]"],
-                                   byte_fallback=True, minloglevel=2)
+                                   byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, minloglevel=2)
     path = directory / "tokenizer.model"
     path.write_bytes(model.getvalue())
     return path

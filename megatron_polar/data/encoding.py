@@ -13,6 +13,12 @@ trained on:
   the smaller budget of the two sequences of a triplet, so s+ and s- share one prompt;
 - the "\\n" after the prompt is left out when the response that follows is empty;
 - chat-message lists keep only their contents, joined with "\\n" (no template).
+
+That costs 7 encodes and 4 decodes per triplet. When the tokenizer provably round-trips text
+(`PolarTokenizer.round_trips`: identity normalisation and byte fallback) and the token bounds of
+the fields (`PolarTokenizer.token_bound`) show that nothing can be cut, every decode would give
+back its text unchanged, so the fast path encodes only the three halves; its output is the
+same ids. Any other record takes the exact path above.
 """
 
 from __future__ import annotations
@@ -82,18 +88,77 @@ class TripletEncoder:
         return ([self.tok.bos_id] + first_half + [self.tok.separator_id]
                 + self._half(prompt, candidate, wrapper) + [self.tok.reward_token_id])
 
+    def encode_sequence(self, prompt: Any, reference: Any, candidate: Any,
+                        wrapper: str = "sft") -> list[int]:
+        """Ids of one POLAR sequence (p, ref, candidate), for scoring: the released rules with
+        this sequence's own prompt budget. The candidate may be empty or equal the reference."""
+        if wrapper not in WRAPPERS:
+            raise RecordError(f"field 'wrapper' must be one of {WRAPPERS}, got {wrapper!r}")
+        p = field_text(prompt, "prompt")
+        (ref, n_ref), (cand, n_cand) = (self._keep_first(field_text(v, n)) for v, n in
+                                        ((reference, "reference"), (candidate, "candidate")))
+        p_ids = self.tok.encode(p)
+        budget = (self.cfg.max_length - RESERVED_TOKENS - n_ref - n_cand) // 2
+        if budget < 1:
+            raise RecordError(f"over-long record: responses leave no room for the prompt "
+                              f"within max_length {self.cfg.max_length}")
+        p = self.tok.decode(p_ids[-budget:] if len(p_ids) + 1 > budget else p_ids)
+        return self.sequence(p, ref, cand, wrapper)
+
     def encode(self, prompt: Any, reference: Any, chosen: Any, rejected: Any,
                wrapper: str = "sft") -> tuple[list[int], list[int]]:
         if wrapper not in WRAPPERS:
             raise RecordError(f"field 'wrapper' must be one of {WRAPPERS}, got {wrapper!r}")
-        p = field_text(prompt, "prompt")
-        (ref, n_ref), (pos, n_pos), (neg, n_neg) = (
-            self._keep_first(field_text(v, n)) for v, n in
-            ((reference, "reference"), (chosen, "chosen"), (rejected, "rejected")))
+        if self.tok.round_trips:
+            fast = self._encode_untruncated(prompt, reference, chosen, rejected, wrapper)
+            if fast is not None:
+                return fast
+        return self._encode_exact(prompt, reference, chosen, rejected, wrapper)
+
+    def _encode_untruncated(self, prompt: Any, reference: Any, chosen: Any, rejected: Any,
+                            wrapper: str) -> tuple[list[int], list[int]] | None:
+        """The fast path: None unless the bounds prove that `_encode_exact` would keep every
+        field whole and decode each back to itself; then the same ids from 3 encodes."""
+        try:
+            texts = [field_text(v, n) for v, n in ((prompt, "prompt"), (reference, "reference"),
+                                                   (chosen, "chosen"), (rejected, "rejected"))]
+        except RecordError:
+            return None  # the exact path raises it, in its order
+        bounds = [self.tok.token_bound(t) for t in texts]
+        if None in bounds:
+            return None
+        b_p, b_ref, b_pos, b_neg = bounds
+        # No response is cut: each keeps up to max_response_length tokens with its own BOS.
+        if max(b_ref, b_pos, b_neg) > self.cfg.max_response_length - 1:
+            return None
+        # The budget from the bounds (each field counted with its BOS) is at most the true
+        # budget, so a prompt that fits it with its BOS is kept whole (and budget >= 1).
+        room = self.cfg.max_length - RESERVED_TOKENS - (b_ref + 1)
+        budget = min((room - (b_pos + 1)) // 2, (room - (b_neg + 1)) // 2)
+        if b_p + 1 > budget:
+            return None
+        p, ref, pos, neg = texts
+        self._check_responses(ref, pos, neg)
+        first_half = self._half(p, ref, wrapper)
+        return (self.sequence(p, ref, pos, wrapper, first_half),
+                self.sequence(p, ref, neg, wrapper, first_half))
+
+    @staticmethod
+    def _check_responses(ref: str, pos: str, neg: str) -> None:
         if not pos.strip() or not neg.strip():
             raise RecordError("empty response: 'chosen' and 'rejected' must contain text")
         if ref == neg:
             raise RecordError("the reference is identical to the rejected response")
+
+    def _encode_exact(self, prompt: Any, reference: Any, chosen: Any, rejected: Any,
+                      wrapper: str) -> tuple[list[int], list[int]]:
+        """The released trainer's steps: measure, truncate and decode each field, then encode
+        the halves."""
+        p = field_text(prompt, "prompt")
+        (ref, n_ref), (pos, n_pos), (neg, n_neg) = (
+            self._keep_first(field_text(v, n)) for v, n in
+            ((reference, "reference"), (chosen, "chosen"), (rejected, "rejected")))
+        self._check_responses(ref, pos, neg)
         p_ids = self.tok.encode(p)
         room = self.cfg.max_length - RESERVED_TOKENS
         budget = min((room - n_ref - n_pos) // 2, (room - n_ref - n_neg) // 2)

@@ -4,6 +4,10 @@ The POLAR special ids (the `<|reward|>` separator and the reward token) are inse
 the encoder, never found by tokenizing their text, so a tokenizer whose vocabulary lacks the
 piece still encodes exactly. They come from the tokenizer (piece lookup, `config.json`'s
 `reward_token_id`) or from explicit overrides.
+
+A sentencepiece model with identity normalisation and byte fallback (InternLM2's kind) provably
+round-trips text; `round_trips` and `token_bound` let the encoder skip the measuring encodes
+and the decodes for records that cannot need truncation (encoding.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,101 @@ REWARD_TOKEN = "[UNUSED_TOKEN_130]"
 # Files whose bytes define a tokenizer's behaviour (hashed into its identity).
 _IDENTITY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
+
+
+SPACE_PIECE = "\u2581"  # "▁": sentencepiece's escaped space
+
+
+# ---- the few sentencepiece ModelProto fields we need, read from the wire format -----------
+# google.protobuf is not a core dependency, and the fields are few. Numbers as in
+# sentencepiece_model.proto: ModelProto.trainer_spec = 2, .normalizer_spec = 3,
+# .denormalizer_spec = 5; TrainerSpec.treat_whitespace_as_suffix = 24, .byte_fallback = 35;
+# NormalizerSpec.name = 1, .precompiled_charsmap = 2, .add_dummy_prefix = 3,
+# .remove_extra_whitespaces = 4, .escape_whitespaces = 5 (defaults as in the .proto).
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("truncated or malformed varint")
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def proto_fields(data: bytes, wanted: set[int]) -> dict[int, list]:
+    """Values of the `wanted` top-level fields of a serialized protobuf message, in order:
+    varints as ints, length-delimited fields as bytes. Other fields are skipped."""
+    fields: dict[int, list] = {}
+    i, n = 0, len(data)
+    while i < n:
+        key, i = _varint(data, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(data, i)
+        elif wire == 2:
+            length, i = _varint(data, i)
+            if i + length > n:
+                raise ValueError("truncated length-delimited field")
+            value, i = data[i:i + length], i + length
+        elif wire in (1, 5):
+            value, i = None, i + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"unsupported wire type {wire} (field {number})")
+        if number in wanted:
+            fields.setdefault(number, []).append(value)
+    if i != n:
+        raise ValueError("truncated fixed-width field")
+    return fields
+
+
+def _message(fields: dict, number: int, wanted: set[int]) -> dict[int, list]:
+    # Repeated occurrences of a message field merge: the same as parsing their concatenation.
+    parts = fields.get(number, [])
+    if not all(isinstance(p, bytes) for p in parts):
+        raise ValueError(f"field {number} is not a message")
+    return proto_fields(b"".join(parts), wanted)
+
+
+def _last(fields: dict, number: int, kind: type, default):
+    # For a scalar field the last occurrence wins.
+    if number not in fields:
+        return default
+    value = fields[number][-1]
+    if not isinstance(value, int if kind is bool else bytes):
+        raise ValueError(f"field {number} has the wrong wire type")
+    return bool(value) if kind is bool else value
+
+
+def sentencepiece_spec(model: bytes) -> dict:
+    """The settings of a serialized sentencepiece ModelProto that decide whether it round-trips."""
+    top = proto_fields(model, {2, 3, 5})
+    trainer = _message(top, 2, {24, 35})
+    norm = _message(top, 3, {1, 2, 3, 4, 5})
+    denorm = _message(top, 5, {2})
+    return {
+        "byte_fallback": _last(trainer, 35, bool, False),
+        "treat_whitespace_as_suffix": _last(trainer, 24, bool, False),
+        "normalizer_name": _last(norm, 1, bytes, b"").decode("utf-8", "replace"),
+        "precompiled_charsmap": _last(norm, 2, bytes, b""),
+        "add_dummy_prefix": _last(norm, 3, bool, True),
+        "remove_extra_whitespaces": _last(norm, 4, bool, True),
+        "escape_whitespaces": _last(norm, 5, bool, True),
+        "denormalizer_charsmap": _last(denorm, 2, bytes, b""),
+    }
+
+
+def spec_round_trips(spec: dict) -> bool:
+    """Whether the proto settings make encode/decode an exact round trip: identity normalisation
+    (no charsmap, whitespace kept, spaces escaped to "▁", dummy prefix in front if any), no
+    denormaliser, and byte fallback so that no <unk> can appear."""
+    return (spec["normalizer_name"] == "identity" and not spec["precompiled_charsmap"]
+            and not spec["remove_extra_whitespaces"] and spec["escape_whitespaces"]
+            and not spec["treat_whitespace_as_suffix"] and not spec["denormalizer_charsmap"]
+            and spec["byte_fallback"])
 
 
 @dataclass(frozen=True)
@@ -48,6 +147,7 @@ class PolarTokenizer:
             self.vocab_size = self._sp.get_piece_size()
             lookup = self._sp_lookup
             default_bos = self._sp.bos_id()
+            self.round_trips = self._sp_round_trips(model_file.read_bytes())
         elif json_file is not None and json_file.is_file():
             try:
                 from tokenizers import Tokenizer
@@ -59,6 +159,7 @@ class PolarTokenizer:
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             lookup = self._hf.token_to_id
             default_bos = lookup("<s>")
+            self.round_trips = False  # not analysed: the exact (measure, decode) path always
         else:
             raise ValueError(f"{self.path}: expected a sentencepiece .model file or a directory "
                              "with tokenizer.model or tokenizer.json")
@@ -71,6 +172,49 @@ class PolarTokenizer:
         self.bos_id = self._resolve("bos_id", bos_id, config.get("bos_token_id", default_bos))
         if self.separator_id == self.reward_token_id:
             raise ValueError(f"{self.path}: separator and reward token share id {self.separator_id}")
+
+    round_trips: bool
+    """True when `decode(encode(x)) == x` for every str `x` without "▁" that has a UTF-8 form,
+    and `token_bound` holds (a sentencepiece model, see `spec_round_trips`)."""
+
+    def _sp_round_trips(self, model: bytes) -> bool:
+        try:
+            spec = sentencepiece_spec(model)
+        except ValueError:
+            return False
+        sp = self._sp
+        space = sp.piece_to_id(SPACE_PIECE)
+        # "▁" must be a piece (each space then costs at most one token, and decode strips the
+        # dummy prefix from it), and all 256 byte pieces must exist for byte fallback.
+        space_ok = (sp.id_to_piece(space) == SPACE_PIECE and not sp.is_unknown(space)
+                    and not sp.is_control(space) and not sp.is_unused(space)
+                    and not sp.is_byte(space))
+        bytes_ok = all(sp.is_byte(sp.piece_to_id(f"<0x{b:02X}>")) for b in range(256))
+        return spec_round_trips(spec) and space_ok and bytes_ok
+
+    def token_bound(self, text: str) -> Optional[int]:
+        """An upper bound on `len(encode(text))` for a text that provably round-trips
+        (`decode(encode(text)) == text`), or None when neither is guaranteed (a tokenizer that
+        does not round-trip, a text containing "▁" — decoded as a space — or one with no UTF-8
+        form, e.g. a lone surrogate).
+
+        Why `len(text.encode()) + 1` bounds the count: with identity normalisation the
+        normalised text is `text` with each " " replaced by "▁" and one "▁" in front (the dummy
+        prefix); nothing else changes (empty charsmap, no whitespace removal). The model
+        (unigram, BPE, ...; user-defined symbols matched whole) cuts it into pieces of at least
+        one character each, and only a character that no piece covers becomes unknown, which
+        byte fallback turns into one piece per UTF-8 byte. So a character costs at most its
+        UTF-8 length in pieces, and at most one if it is itself a piece: "▁" is (checked), so
+        each space costs at most its one byte of `text` and the dummy prefix one more piece.
+        """
+        if not self.round_trips or SPACE_PIECE in text:
+            return None
+        if not text:
+            return 0  # encode("") is []
+        try:
+            return len(text.encode("utf-8")) + 1
+        except UnicodeEncodeError:
+            return None
 
     def _sp_lookup(self, piece: str) -> Optional[int]:
         i = self._sp.piece_to_id(piece)

@@ -7,7 +7,9 @@ how the model is run (precision, parallelism, FP8) lives in `ModelRunConfig` in 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 
@@ -76,6 +78,23 @@ class ModelPreset:
     def replace(self, **changes) -> "ModelPreset":
         return dataclasses.replace(self, **changes)
 
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "preset") -> "ModelPreset":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown preset field(s) {unknown}")
+        data = dict(data)
+        if data.get("rope_scaling") is not None:
+            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from None
+
 
 _INTERNLM2_5_1_8B = ModelPreset(
     name="internlm2_5-1_8b", num_layers=24, hidden_size=2048, num_attention_heads=16,
@@ -109,9 +128,27 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
+MODEL_FILE = "model.json"  # the preset of a checkpoint, written beside its weights
+
+
 def get_preset(name: str) -> ModelPreset:
-    """Look up a preset by name, with the list of known names in the error."""
-    try:
+    """A preset by name, or from a `model.json` file (or a checkpoint directory holding one,
+    as HF import and the trainer write), with the known names in the error."""
+    if name in PRESETS:
         return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+    path = Path(name)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if path.is_file():
+        try:
+            return ModelPreset.from_dict(json.loads(path.read_text()), source=str(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raise ValueError(f"unknown model preset {name!r} (not a preset name, nor a {MODEL_FILE} or a "
+                     f"directory with one); known names: {', '.join(sorted(PRESETS))}")
+
+
+def checkpoint_preset(directory) -> Optional[ModelPreset]:
+    """The preset recorded in a checkpoint directory, if it records one."""
+    path = Path(directory) / MODEL_FILE
+    return get_preset(str(path)) if path.is_file() else None

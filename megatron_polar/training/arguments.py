@@ -10,8 +10,10 @@ from megatron_polar.model.presets import PRESETS
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model and parallelism")
-    g.add_argument("--model-preset", default="tiny", choices=sorted(PRESETS),
-                   help="architecture preset (default: tiny)")
+    g.add_argument("--model-preset", default=None,
+                   help=f"architecture: a preset name ({', '.join(sorted(PRESETS))}), a model.json, "
+                        "or a checkpoint directory holding one (default: the preset recorded in "
+                        "the checkpoint loaded, else tiny)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)

@@ -2,7 +2,9 @@
 
 Two kinds, one format:
 - weights only (`save_model_weights` / `load_model_weights`): what HF import writes and what
-  `--pretrained-checkpoint` reads;
+  `--pretrained-checkpoint` (or `--load` of a directory without iterations) reads. HF import
+  writes it in parts, a few layers per dist checkpoint listed in `polar_weights.json`, so that
+  it never holds the whole model; loading reads the parts one after another;
 - training checkpoints (`save_checkpoint` / `load_checkpoint`): model, optimizer, LR scheduler,
   data-sampler state, RNG, iteration and consumed counts, in Megatron-LM's layout:
 
@@ -11,8 +13,8 @@ Two kinds, one format:
       SAVE/iter_0000004/
 
 Each virtual-stage chunk contributes its own sharded state dict; the tensors inside carry their
-global names (TransformerBlock numbers layers globally), so the files are the same whatever
-TP/PP/VPP layout wrote them, and a checkpoint loads at any other layout. The distributed
+global names, one key per layer ("decoder.layers.7.mlp.linear_fc2.weight"), so the files are
+the same whatever TP/PP/VPP layout wrote them, and a checkpoint loads at any other layout. The distributed
 optimizer is saved "fully reshardable" for the same reason.
 
 Atomicity: a checkpoint is written to `iter_N.tmp`, renamed to `iter_N` once every rank has
@@ -23,6 +25,7 @@ atomically). A crash at any point leaves the previous checkpoint as the latest; 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -39,6 +42,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 log = logging.getLogger(__name__)
 
 LATEST = "latest_checkpointed_iteration.txt"
+WEIGHTS_INDEX = "polar_weights.json"  # a weights checkpoint written in parts
+# Per-layer checkpoint keys instead of one tensor stacked over layers: megatron-core is moving to
+# this layout (it forces it with singleton local shards), and it lets HF import and export write
+# and read a checkpoint a few layers at a time.
+SHARDED_METADATA = {"non_homogeneous_layers": True}
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
@@ -49,7 +57,8 @@ class CheckpointError(RuntimeError):
 def model_sharded_state_dict(chunks) -> dict:
     from megatron_polar.training.step import unwrap
 
-    return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+    return {f"model{i}": unwrap(chunk).sharded_state_dict(metadata=dict(SHARDED_METADATA))
+            for i, chunk in enumerate(chunks)}
 
 
 def _rank() -> int:
@@ -77,7 +86,35 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def _is_dist_checkpoint(directory: Path) -> bool:
-    return (directory / "metadata.json").is_file()
+    return (directory / "metadata.json").is_file() or (directory / WEIGHTS_INDEX).is_file()
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """True for a checkpoint directory itself (a dist checkpoint or a weights index)."""
+    return _is_dist_checkpoint(Path(path))
+
+
+def weight_parts(directory: Path) -> list[Path]:
+    """The dist checkpoints that hold a checkpoint's weights: its parts, or itself."""
+    index = Path(directory) / WEIGHTS_INDEX
+    if not index.is_file():
+        return [Path(directory)]
+    try:
+        parts = [Path(directory) / p["dir"] for p in json.loads(index.read_text())["parts"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a weights index ({e})") from None
+    missing = [str(p) for p in parts if not (p / "metadata.json").is_file()]
+    if missing:
+        raise CheckpointError(f"{index} lists parts that are missing or incomplete: {missing}")
+    return parts
+
+
+def is_training_checkpoint(directory: Path) -> bool:
+    """True for a checkpoint with training state (a trainer's iter_N), False for weights only."""
+    if (Path(directory) / WEIGHTS_INDEX).is_file():
+        return False
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    return isinstance(common, dict) and common.get("common") is not None
 
 
 # -- weights only ------------------------------------------------------------------------------
@@ -115,14 +152,40 @@ def resolve_checkpoint_dir(path: str | os.PathLike, iteration: Optional[int] = N
 
 
 def load_model_weights(chunks, directory: str | os.PathLike) -> Path:
-    """Load the weights of any checkpoint of ours (weights-only or training, any TP/PP)."""
+    """Load the weights of any checkpoint of ours (weights-only or training, any TP/PP, in parts
+    or whole). Module extra state the checkpoint lacks (Transformer Engine's FP8 scales, absent
+    from checkpoints written with the local spec) is left as the modules initialised it."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, merge
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
     from megatron_polar.training.step import unwrap
 
     found = resolve_checkpoint_dir(directory)
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(found))
+    state, wanted = {}, _leaf_keys(model_sharded_state_dict(chunks))
+    for part in weight_parts(found):  # a fresh sharded state dict each time: loading consumes it
+        keys = {v.key for v in load_sharded_metadata(str(part)).values()}
+        mine, _ = extract_matching_values(model_sharded_state_dict(chunks),
+                                          lambda x: x.key in keys)
+        wanted -= keys
+        if mine:
+            merge(state, dist_checkpointing.load(mine, str(part)))
+    missing = sorted(k for k in wanted if not k.endswith("._extra_state"))
+    if missing:
+        raise CheckpointError(f"{found} has no tensor {missing[0]}"
+                              + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
     for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+        result = unwrap(chunk).load_state_dict(state.get(f"model{i}", {}), strict=False)
+        bad = [k for k in result.missing_keys if not k.endswith("._extra_state")]
+        if bad or result.unexpected_keys:
+            raise CheckpointError(f"{found}: weights do not fit the model (missing {bad[:3]}, "
+                                  f"unexpected {result.unexpected_keys[:3]})")
     return found
+
+
+def _leaf_keys(sharded: dict) -> set[str]:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return {leaf.key for leaf in nested_values(sharded)}
 
 
 # -- training checkpoints ------------------------------------------------------------------------
@@ -191,8 +254,12 @@ class CheckpointWriter:
 
     def __init__(self, save_dir: str | os.PathLike, keep_last: Optional[int] = None,
                  async_save: bool = False,
-                 fault_hook: Optional[Callable[[str, int], None]] = None):
+                 fault_hook: Optional[Callable[[str, int], None]] = None,
+                 describe: Optional[Callable[[Path], None]] = None):
         self.save_dir = Path(save_dir)
+        # Rank 0 calls `describe(directory)` on each finished checkpoint before publishing it,
+        # to add plain files beside the shards (the preset, the tokenizer) for export and scoring.
+        self.describe = describe
         self.keep_last = keep_last
         self.async_queue = None
         if async_save:
@@ -234,6 +301,8 @@ class CheckpointWriter:
         if self.fault_hook is not None:
             self.fault_hook("before_publish", iteration)
         if _rank() == 0:
+            if self.describe is not None:
+                self.describe(tmp)
             _replace_dir(tmp, final)
             _fsync_dir(self.save_dir)
             marker_tmp = self.save_dir / (LATEST + ".tmp")

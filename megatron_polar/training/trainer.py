@@ -11,12 +11,14 @@ Everything parallel is megatron-core's; this file only decides what happens when
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -29,12 +31,14 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.timers import Timers
 
+from megatron_polar.convert.hf_files import copy_tokenizer
 from megatron_polar.data.dataset import BlendSpec, DatasetError, TripletStream
 from megatron_polar.data.sampler import PackingSampler
-from megatron_polar.model.presets import ModelPreset, get_preset
+from megatron_polar.model.presets import MODEL_FILE, ModelPreset, checkpoint_preset, get_preset
 from megatron_polar.model.spec import resolve_use_te
 from megatron_polar.training.arguments import parse_train_args, run_config_from_args
 from megatron_polar.training.checkpointing import (CheckpointError, CheckpointWriter,
+                                                   is_checkpoint_dir, is_training_checkpoint,
                                                    latest_iteration, load_checkpoint,
                                                    load_model_weights, resolve_checkpoint_dir,
                                                    training_state_dict)
@@ -77,7 +81,8 @@ class Trainer:
         self.state = TrainState()
         self._resume()
         self.writer = (CheckpointWriter(args.save, args.keep_last_checkpoints, args.async_save,
-                                        fault_hook=self._fault_during_save)
+                                        fault_hook=self._fault_during_save,
+                                        describe=self._describe_checkpoint)
                        if args.save else None)
         self._signal = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -95,6 +100,12 @@ class Trainer:
             a.global_batch_size = a.global_batch_size or hp.global_batch_size
         if a.min_lr is None:
             a.min_lr = 0.1 * a.lr  # released configs: cosine to 0.1 x LR
+
+    def _describe_checkpoint(self, directory: Path) -> None:
+        """The preset and the tokenizer beside the shards: export and scoring need both."""
+        (directory / MODEL_FILE).write_text(json.dumps(self.preset.as_dict(), indent=2) + "\n")
+        if self.args.tokenizer:
+            copy_tokenizer(self.args.tokenizer, directory / "tokenizer")
 
     def _data(self) -> None:
         a, ctx = self.args, self.ctx
@@ -211,8 +222,15 @@ class Trainer:
             saved = common["layout"]
             self.reporter.print(f"resumed from {directory} (iteration {self.state.iteration}, "
                                 f"saved at TP={saved['tp']} PP={saved['pp']} DP={saved['dp']})")
-        elif a.pretrained_checkpoint:
-            found = load_model_weights(self.chunks, a.pretrained_checkpoint)
+        elif a.pretrained_checkpoint or (a.load and is_checkpoint_dir(a.load)):
+            # `--load` of a checkpoint with no iterations (e.g. from HF import) starts from its
+            # weights at iteration 0, as Megatron-LM does with converted "release" checkpoints.
+            # (`--load` of a run directory with nothing saved yet is a fresh start, below.)
+            source = a.pretrained_checkpoint or a.load
+            if not a.pretrained_checkpoint and is_training_checkpoint(Path(source)):
+                raise CheckpointError(f"{source} is a training checkpoint; pass its run "
+                                      "directory to --load to resume, or --ckpt-step")
+            found = load_model_weights(self.chunks, source)
             self.reporter.print(f"initial weights from {found}")
         elif a.stage == "sft":
             raise TrainingStopped("SFT starts from a pre-trained POLAR model: pass "
@@ -418,9 +436,29 @@ class _Window:
         return max(time.perf_counter() - self.start, 1e-9)
 
 
+def resolve_run_preset(name: Optional[str], checkpoint: Optional[str]) -> ModelPreset:
+    """`--model-preset`, else the preset a checkpoint records (HF import and our checkpoints
+    write `model.json`), else "tiny". A named preset that contradicts the checkpoint is an error."""
+    recorded = None
+    if checkpoint:
+        latest = Path(checkpoint) / f"iter_{latest_iteration(checkpoint) or 0:07d}"
+        recorded = checkpoint_preset(checkpoint) or checkpoint_preset(latest)
+    if name is None:
+        return recorded or get_preset("tiny")
+    preset = get_preset(name)
+    if recorded is not None and recorded.as_dict() | {"name": preset.name} != preset.as_dict():
+        raise ValueError(f"--model-preset {name} does not match the preset recorded in "
+                         f"{checkpoint} ({recorded.name}); leave --model-preset out to use it")
+    return preset
+
+
 def main(argv=None) -> int:
     args = parse_train_args(argv)
-    preset = get_preset(args.model_preset)
+    try:
+        preset = resolve_run_preset(args.model_preset, args.pretrained_checkpoint or args.load)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     ctx = initialize_parallel(run_config_from_args(args, preset.num_layers))
     reporter = Reporter(torch.distributed.get_rank(), args.log_json, args.tensorboard_dir,
                         args.wandb_project, args.wandb_exp_name, config=vars(args))

@@ -1,0 +1,1 @@
+"""Hugging Face <-> megatron-core conversion for InternLM2-style POLAR reward models."""
