@@ -18,13 +18,13 @@ from typing import Optional
 
 import torch
 
-from megatron_polar.convert.hf_config import ConversionError, reward_model_config
-from megatron_polar.convert.hf_files import SafetensorsShardWriter, copy_files, copy_tokenizer
+from megatron_polar.convert.hf_config import DTYPES, ConversionError, reward_model_config
+from megatron_polar.convert.hf_files import SafetensorsShardWriter, copy_remote_code
 from megatron_polar.convert.importer import check_tokenizer, single_process_groups
 from megatron_polar.convert.layout import units
+from megatron_polar.data.tokenizer import copy_tokenizer
 from megatron_polar.model.presets import ModelPreset, checkpoint_preset, get_preset
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _checkpoint_dir_and_preset(ckpt: Path, preset_name: Optional[str]) -> tuple[
     recorded = checkpoint_preset(directory) or checkpoint_preset(ckpt)
     if preset_name:
         given = get_preset(preset_name)
-        if recorded is not None and recorded.as_dict() | {"name": given.name} != given.as_dict():
+        if recorded is not None and recorded.differences(given):
             raise ConversionError(f"{directory} was saved with preset {recorded.name}, not "
                                   f"{given.name}")
         return directory, given
@@ -137,7 +137,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "bf16",
         json.dumps(reward_model_config(preset, dtype, carried), indent=2) + "\n")
     copy_tokenizer(tok, tmp)
     if imported.is_dir():  # remote code (configuration_/modeling_internlm2.py) kept at import
-        list(copy_files(sorted(p.name for p in imported.glob("*.py")), imported, tmp))
+        copy_remote_code(imported, tmp)
     tmp.rename(out)
     return ExportReport(out, [out / f.name for f in files], count, writer.total_bytes)
 

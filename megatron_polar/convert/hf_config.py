@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from megatron_polar.model.presets import ModelPreset, RopeScaling
 
 BASE_ARCHITECTURES = ("InternLM2ForCausalLM",)
@@ -25,6 +27,7 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
                 "max_position_embeddings", "norm_epsilon")
 POLAR_REWARD_TOKEN_ID = 92527  # [UNUSED_TOKEN_130] in InternLM2 tokenizers
 HF_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class ConversionError(ValueError):
@@ -99,7 +102,7 @@ def preset_from_hf_config(config: dict, source: str = "config.json",
 def check_same_shape(derived: ModelPreset, given: ModelPreset, source: str) -> None:
     """A preset named on the command line must describe the checkpoint being converted."""
     diffs = [f"{f}: {getattr(derived, f)} in {source}, {getattr(given, f)} in preset "
-             f"{given.name}" for f in SHAPE_FIELDS if getattr(derived, f) != getattr(given, f)]
+             f"{given.name}" for f in derived.differences(given, SHAPE_FIELDS)]
     if diffs:
         raise ConversionError("the checkpoint does not match the given preset: " + "; ".join(diffs))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -194,29 +194,12 @@ class SafetensorsShardWriter:
         return final
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "tokenization_internlm2.py",
-                   "tokenization_internlm2_fast.py")
-
-
-def copy_tokenizer(source: str | Path, target: Path) -> list[str]:
-    """Copy a tokenizer (a sentencepiece `.model` file, or the tokenizer files of a directory)
-    into directory `target`, created if needed; a lone `.model` becomes `tokenizer.model`."""
+def copy_remote_code(source: Path, target: Path) -> list[str]:
+    """Copy the `.py` files of an HF directory (`configuration_internlm2.py`, ...): the code its
+    `auto_map` names, which we carry from import to export but never write ourselves."""
     import shutil
 
-    source = Path(source)
-    target.mkdir(parents=True, exist_ok=True)
-    if source.is_file():
-        shutil.copy2(source, target / "tokenizer.model")
-        return ["tokenizer.model"]
-    return list(copy_files(TOKENIZER_FILES, source, target))
-
-
-def copy_files(names: Iterable[str], source: Path, target: Path) -> Iterator[str]:
-    """Copy the listed files that exist in `source` to `target`; yield the names copied."""
-    import shutil
-
+    names = sorted(p.name for p in Path(source).glob("*.py"))
     for name in names:
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
-            yield name
+        shutil.copy2(Path(source) / name, Path(target) / name)
+    return names

@@ -28,8 +28,9 @@ import torch
 from megatron_polar.convert.hf_config import (ConversionError, check_same_shape,
                                               is_reward_config, preset_from_hf_config,
                                               read_hf_config)
-from megatron_polar.convert.hf_files import HFWeightReader, copy_files, copy_tokenizer
+from megatron_polar.convert.hf_files import HFWeightReader, copy_remote_code
 from megatron_polar.convert.layout import HF_HEAD, HF_LM_HEAD, Unit, ignorable, units
+from megatron_polar.data.tokenizer import copy_tokenizer
 from megatron_polar.model.presets import MODEL_FILE, ModelPreset, get_preset
 from megatron_polar.training.checkpointing import SHARDED_METADATA, WEIGHTS_INDEX
 
@@ -54,14 +55,14 @@ class ImportReport:
 
 def check_layout(preset: ModelPreset, tp: int, pp: int, source: str) -> None:
     """Refuse a TP/PP layout the model cannot be split into (checked before any work)."""
+    if tp < 1 or pp < 1:
+        raise ConversionError(f"{source}: TP and PP must be >= 1, got TP={tp} PP={pp}")
     problems = [f"{what} {n} is not divisible by TP={tp}" for what, n in (
         ("attention heads", preset.num_attention_heads), ("KV heads", preset.num_query_groups),
         ("ffn_hidden_size", preset.ffn_hidden_size), ("vocab_size", preset.vocab_size))
         if n % tp]
     if preset.num_layers % pp:
         problems.append(f"{preset.num_layers} layers are not divisible by PP={pp}")
-    if tp < 1 or pp < 1:
-        problems.append("TP and PP must be >= 1")
     if problems:
         raise ConversionError(f"{source}: " + "; ".join(problems))
 
@@ -229,7 +230,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
         copy_tokenizer(tok_path, tmp / "tokenizer")
     (tmp / "hf").mkdir()
     shutil.copy2(hf_dir / "config.json", tmp / "hf" / "config.json")
-    list(copy_files(sorted(p.name for p in hf_dir.glob("*.py")), hf_dir, tmp / "hf"))
+    copy_remote_code(hf_dir, tmp / "hf")
     tmp.rename(out)
     return ImportReport(out, preset, "kept" if reward else "zero", len(parts), tensors, dropped)
 

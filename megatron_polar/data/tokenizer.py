@@ -23,6 +23,25 @@ REWARD_TOKEN = "[UNUSED_TOKEN_130]"
 # Files whose bytes define a tokenizer's behaviour (hashed into its identity).
 _IDENTITY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
+# What a tokenizer directory ships with a model: the files above plus InternLM2's remote code.
+TOKENIZER_FILES = _IDENTITY_FILES + ("tokenization_internlm2.py", "tokenization_internlm2_fast.py")
+
+
+def copy_tokenizer(source: str | Path, target: Path) -> list[str]:
+    """Copy a tokenizer (a sentencepiece `.model` file, or the tokenizer files of a directory)
+    into directory `target`, created if needed; a lone `.model` becomes `tokenizer.model`.
+    Returns the names copied."""
+    import shutil
+
+    source = Path(source)
+    target.mkdir(parents=True, exist_ok=True)
+    if source.is_file():
+        shutil.copy2(source, target / "tokenizer.model")
+        return ["tokenizer.model"]
+    names = [n for n in TOKENIZER_FILES if (source / n).is_file()]
+    for name in names:
+        shutil.copy2(source / name, target / name)
+    return names
 
 
 SPACE_PIECE = "\u2581"  # "▁": sentencepiece's escaped space

@@ -81,6 +81,11 @@ class ModelPreset:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def differences(self, other: "ModelPreset", fields=None) -> list[str]:
+        """Names of the fields (default: all but `name`) whose values differ from `other`'s."""
+        names = fields or [f.name for f in dataclasses.fields(self) if f.name != "name"]
+        return [f for f in names if getattr(self, f) != getattr(other, f)]
+
     @classmethod
     def from_dict(cls, data: dict, source: str = "preset") -> "ModelPreset":
         known = {f.name for f in dataclasses.fields(cls)}

@@ -130,7 +130,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None, help="directory of training checkpoints")
     g.add_argument("--load", default=None,
-                   help="resume from the latest checkpoint here (if there is one)")
+                   help="resume from the latest checkpoint of this run directory (if there is "
+                        "one); a checkpoint without iterations (e.g. an HF import) gives the "
+                        "initial weights")
     g.add_argument("--ckpt-step", type=int, default=None, help="resume from this iteration")
     g.add_argument("--pretrained-checkpoint", default=None,
                    help="initial weights (e.g. imported from HF) when --load has no checkpoint")

@@ -14,8 +14,8 @@ Two kinds, one format:
 
 Each virtual-stage chunk contributes its own sharded state dict; the tensors inside carry their
 global names, one key per layer ("decoder.layers.7.mlp.linear_fc2.weight"), so the files are
-the same whatever TP/PP/VPP layout wrote them, and a checkpoint loads at any other layout. The distributed
-optimizer is saved "fully reshardable" for the same reason.
+the same whatever TP/PP/VPP layout wrote them, and a checkpoint loads at any other layout. The
+distributed optimizer is saved "fully reshardable" for the same reason.
 
 Atomicity: a checkpoint is written to `iter_N.tmp`, renamed to `iter_N` once every rank has
 finished, and only then does `latest_checkpointed_iteration.txt` move (itself replaced
@@ -85,13 +85,10 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _is_dist_checkpoint(directory: Path) -> bool:
-    return (directory / "metadata.json").is_file() or (directory / WEIGHTS_INDEX).is_file()
-
-
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     """True for a checkpoint directory itself (a dist checkpoint or a weights index)."""
-    return _is_dist_checkpoint(Path(path))
+    path = Path(path)
+    return (path / "metadata.json").is_file() or (path / WEIGHTS_INDEX).is_file()
 
 
 def weight_parts(directory: Path) -> list[Path]:
@@ -145,7 +142,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike, iteration: Optional[int] = N
         found = path / f"iter_{int((path / LATEST).read_text().strip()):07d}"
     else:
         found = path
-    if not _is_dist_checkpoint(found):
+    if not is_checkpoint_dir(found):
         raise CheckpointError(f"{found} is not a megatron distributed checkpoint "
                               "(no metadata.json)")
     return found
@@ -199,7 +196,7 @@ def latest_iteration(save_dir: str | os.PathLike) -> Optional[int]:
     if not text.isdigit():
         raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}")
     iteration = int(text)
-    if not _is_dist_checkpoint(Path(save_dir) / f"iter_{iteration:07d}"):
+    if not is_checkpoint_dir(Path(save_dir) / f"iter_{iteration:07d}"):
         raise CheckpointError(f"{marker} names iteration {iteration}, but "
                               f"{Path(save_dir) / f'iter_{iteration:07d}'} is not a complete "
                               "checkpoint")

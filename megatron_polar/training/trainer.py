@@ -31,9 +31,9 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.timers import Timers
 
-from megatron_polar.convert.hf_files import copy_tokenizer
 from megatron_polar.data.dataset import BlendSpec, DatasetError, TripletStream
 from megatron_polar.data.sampler import PackingSampler
+from megatron_polar.data.tokenizer import copy_tokenizer
 from megatron_polar.model.presets import MODEL_FILE, ModelPreset, checkpoint_preset, get_preset
 from megatron_polar.model.spec import resolve_use_te
 from megatron_polar.training.arguments import parse_train_args, run_config_from_args
@@ -446,7 +446,7 @@ def resolve_run_preset(name: Optional[str], checkpoint: Optional[str]) -> ModelP
     if name is None:
         return recorded or get_preset("tiny")
     preset = get_preset(name)
-    if recorded is not None and recorded.as_dict() | {"name": preset.name} != preset.as_dict():
+    if recorded is not None and recorded.differences(preset):
         raise ValueError(f"--model-preset {name} does not match the preset recorded in "
                          f"{checkpoint} ({recorded.name}); leave --model-preset out to use it")
     return preset
