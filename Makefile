@@ -4,14 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo demo-synthetic bench venv clean
 
 $(STAMP): setup.py requirements/cpu.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/cpu.txt
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,demo]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,8 +19,14 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The whole pipeline on tiny models (docs/demo.md); re-running reuses finished stages.
 demo: $(STAMP)
-	$(PY) tools/demo_synthetic.py --save runs/demo/checkpoint --report runs/demo/report.json
+	$(PY) tools/demo.py --workdir runs/demo
+
+# The one-minute synthetic policy-discrimination task (no sampling, no tokenizer).
+demo-synthetic: $(STAMP)
+	$(PY) tools/demo_synthetic.py --save runs/demo_synthetic/checkpoint \
+		--report runs/demo_synthetic/report.json
 
 bench: $(STAMP)
 	$(PY) tools/benchmark_step.py --model-preset tiny --micro-batch-tokens 1024

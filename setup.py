@@ -20,7 +20,11 @@ setup(
     extras_require={
         # transformers: the independent Llama implementation the HF conversion is checked against
         "test": ["pytest>=8", "tokenizers", "tensorboard", "transformers"],
-        "hf": ["transformers", "safetensors", "tokenizers"],
+        # HF conversion checks and trajectory sampling (tools/sample_trajectories.py; vLLM, when
+        # installed, is used instead of transformers on GPUs)
+        "hf": ["transformers", "safetensors", "tokenizers", "tqdm"],
+        # `make demo`: tiny policies (transformers), their tokenizer, progress bars, the plot
+        "demo": ["transformers", "tokenizers", "tqdm", "matplotlib"],
         "serve": ["nvidia-pytriton"],
         # NGC PyTorch containers ship both; listed for bare-metal GPU installs.
         "gpu": ["transformer-engine[pytorch]"],

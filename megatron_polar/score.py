@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -74,79 +71,27 @@ def read_records(path: str, encoder) -> list[tuple[Optional[object], int, list[i
     return out
 
 
-def score_sequences(chunks, ctx, sequences: list[list[int]], token_budget: int,
-                    pad_id: int) -> Optional[list[float]]:
-    """Rewards of `sequences` in order (on the last pipeline stage; None elsewhere)."""
-    from megatron_polar.data.packing import pack_pairs
-    from megatron_polar.training.step import score_packed
-
-    if not sequences:
-        return []
-    # The packer moves pairs; two sequences make a "pair" here (the last one doubled if odd).
-    padded = sequences + ([sequences[-1]] if len(sequences) % 2 else [])
-    pairs = [(padded[i], padded[i + 1]) for i in range(0, len(padded), 2)]
-    budget = max(token_budget, max(len(a) + len(b) for a, b in pairs))
-    packs = pack_pairs(pairs, budget, pad_id)
-    rewards = score_packed(chunks, packs, ctx)
-    if rewards is None:
-        return None
-    by_pair, k = {}, 0
-    for pack in packs:
-        for pair_id in pack.pair_ids:
-            by_pair[pair_id] = (rewards[k].item(), rewards[k + 1].item())
-            k += 2
-    flat = [r for i in range(len(pairs)) for r in by_pair[i]]
-    return flat[:len(sequences)]
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_polar.data.encoding import EncodingConfig, TripletEncoder
-    from megatron_polar.data.tokenizer import PolarTokenizer
-    from megatron_polar.model.presets import checkpoint_preset, get_preset
+    from megatron_polar.data.encoding import EncodingConfig
+    from megatron_polar.eval.scorer import RewardScorer, ScorerError, open_source
     from megatron_polar.training.arguments import run_config_from_args
-    from megatron_polar.training.checkpointing import load_model_weights, resolve_checkpoint_dir
-    from megatron_polar.training.parallel import initialize_parallel
-    from megatron_polar.training.step import build_model_chunks
 
-    if args.hf and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("error: --hf scores in one process; for TP/PP, import first (tools/convert_hf.py "
-              "import) and pass --checkpoint", file=sys.stderr)
+    try:
+        with open_source(checkpoint=args.checkpoint, hf=args.hf, tokenizer=args.tokenizer,
+                         model_preset=args.model_preset) as source:
+            # The input is read (and every record encoded) before the model is built: a bad
+            # line fails in seconds, not after loading a 7B model.
+            encoder = source.encoder(EncodingConfig(args.max_length, args.max_response_length))
+            records = read_records(args.input, encoder)
+            scorer = RewardScorer.load(source, run_config_from_args(args, source.preset.num_layers),
+                                       encoder=encoder, micro_batch_tokens=args.micro_batch_tokens)
+    except ScorerError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="polar_score_") as tmp:
-        if args.hf:
-            from megatron_polar.convert.hf_config import ConversionError
-            from megatron_polar.convert.importer import import_hf
-
-            try:
-                import_hf(args.hf, Path(tmp) / "ckpt", tokenizer=args.tokenizer)
-            except ConversionError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            checkpoint = Path(tmp) / "ckpt"
-        else:
-            checkpoint = resolve_checkpoint_dir(args.checkpoint)
-        preset = get_preset(args.model_preset) if args.model_preset else checkpoint_preset(
-            checkpoint)
-        if preset is None:
-            print(f"error: {checkpoint} records no model preset; pass --model-preset",
-                  file=sys.stderr)
-            return 2
-        tokenizer = args.tokenizer or (checkpoint / "tokenizer")
-        if not Path(tokenizer).exists():
-            print(f"error: {checkpoint} carries no tokenizer; pass --tokenizer", file=sys.stderr)
-            return 2
-        encoder = TripletEncoder(PolarTokenizer(tokenizer),
-                                 EncodingConfig(args.max_length, args.max_response_length))
-        records = read_records(args.input, encoder)
-
-        run = run_config_from_args(args, preset.num_layers)
-        ctx = initialize_parallel(run)
-        chunks = build_model_chunks(preset, run, ctx)
-        load_model_weights(chunks, checkpoint)
-        rewards = score_sequences(chunks, ctx, [ids for _, _, ids in records],
-                                  args.micro_batch_tokens, preset.pad_token_id)
-    if rewards is not None and ctx.tp_rank == 0 and ctx.dp_rank == 0:
+    rewards = scorer.score_ids([ids for _, _, ids in records])
+    ctx = scorer.ctx
+    if ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0:
         with (contextlib.nullcontext(sys.stdout) if args.output == "-"
               else open(args.output, "w", encoding="utf-8")) as out:
             for (rid, line, _), r in zip(records, rewards):

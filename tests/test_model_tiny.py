@@ -93,6 +93,21 @@ def test_sequence_longer_than_max_positions_is_refused(ctx1):
         score_padded(chunk, build_padded_batch([list(range(3, 50))], 0))
 
 
+def test_pack_padding_beyond_max_positions_is_not_a_long_sequence(ctx1):
+    # Packs share one length, so a short pack ends in padding longer than the model's
+    # positions; only a real sequence that long is refused.
+    from megatron_polar.data.packing import build_packed_micro_batch
+
+    preset = get_preset("tiny").replace(max_position_embeddings=32)
+    chunks = build_model_chunks(preset, ModelRunConfig(), ctx1)
+    short = build_packed_micro_batch([(list(range(3, 20)), list(range(3, 15)))], 96, 0)
+    assert short.packed_seq_params().max_seqlen_q > 32
+    assert score_packed(chunks, [short], ctx1).shape == (2,)
+    long = build_packed_micro_batch([(list(range(3, 50)), list(range(3, 15)))], 96, 0)
+    with pytest.raises(ValueError, match="sequence of 47 tokens exceeds"):
+        score_packed(chunks, [long], ctx1)
+
+
 def test_per_sequence_attention_equals_dense_block_mask():
     from megatron_polar.model.attention import PackedCoreAttention
     from megatron.core.packed_seq_params import PackedSeqParams

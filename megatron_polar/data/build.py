@@ -186,10 +186,15 @@ def assemble_from_trajectories(lines: Iterable[Line], seed: int, rejected: list,
                     raise RecordError(f"field '{name}' must be a string or an integer")
             if not isinstance(rec["trajectory"], str) or not rec["trajectory"].strip():
                 raise RecordError("field 'trajectory' must be a non-empty string")
+            if rec.get("wrapper", "pretrain") not in WRAPPERS:
+                raise RecordError(f"field 'wrapper' must be one of {WRAPPERS}")
         except RecordError as e:
             rejected.append((line.where, str(e), line.raw))
             continue
-        entry = prompts.setdefault(str(rec["prompt_id"]), {"prompt": rec["prompt"], "by_policy": {}})
+        # Corpus continuations are plain concatenations ("pretrain"); answers to instruction
+        # prompts carry "wrapper": "sft" (tools/sample_trajectories.py writes it).
+        entry = prompts.setdefault(str(rec["prompt_id"]), {
+            "prompt": rec["prompt"], "wrapper": rec.get("wrapper", "pretrain"), "by_policy": {}})
         entry["by_policy"].setdefault(str(rec["policy"]), []).append((line.where, rec["trajectory"]))
 
     triplets = []
@@ -206,7 +211,7 @@ def assemble_from_trajectories(lines: Iterable[Line], seed: int, rejected: list,
             k = int(rng.integers(len(entry["by_policy"][b])))
             neg_where, negative = entry["by_policy"][b][k]
             record = {"prompt": entry["prompt"], "reference": own[i][1], "chosen": own[j][1],
-                      "rejected": negative, "wrapper": "pretrain"}
+                      "rejected": negative, "wrapper": entry["wrapper"]}
             triplets.append((f"{own[i][0]}+{own[j][0]}+{neg_where}", record))
             used.extend([own[i][0], own[j][0], neg_where])
     return triplets

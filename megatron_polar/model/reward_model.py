@@ -94,6 +94,11 @@ class PolarRewardModel(GPTModel):
                 **kwargs):
         longest = (packed_seq_params.max_seqlen_q if packed_seq_params is not None
                    else (input_ids.shape[1] if input_ids is not None else 0))
+        if longest and longest > self.preset.max_position_embeddings and packed_seq_params:
+            # max_seqlen_q covers the end padding of a pack (given to its last sequence);
+            # only real tokens count, so measure them (a sync, but only in this rare case).
+            cu = packed_seq_params.cu_seqlens_q
+            longest = int((cu[1:] - cu[:-1]).max())
         if longest and longest > self.preset.max_position_embeddings:
             # Above this length InternLM2's dynamic NTK RoPE changes the base; we never
             # silently diverge from the HF model, we refuse.

@@ -1,0 +1,102 @@
+"""The demo's own parts: corpus, tokenizer, policy training, ranked sets, stage reuse.
+(`make demo` runs the whole pipeline; these check its pieces quickly.)"""
+
+import json
+
+import pytest
+
+from megatron_polar.demo.pipeline import DemoConfig, DemoPipeline, Stage, run_stage
+from megatron_polar.demo.policies import PolicyRun, PolicyShape, train_policy_run
+from megatron_polar.demo.tokenizer import train_tokenizer
+
+TEXTS = ["Return the number of items in the container.\n\nRaises ValueError if empty.",
+         "def add(a, b):\n    return a + b\n", "Open a file and return a stream object."] * 40
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TEXTS, d, vocab_size=400)
+    return d
+
+
+def test_stdlib_corpus_has_prose_and_code():
+    from megatron_polar.demo.corpus import stdlib_documents
+
+    docs = stdlib_documents()
+    assert len(docs["prose"]) > 500 and len(docs["code"]) > 500
+    assert any("def " in d for d in docs["code"][:50])
+    assert all(200 <= len(d) <= 4000 for d in docs["prose"])
+
+
+def test_tokenizer_serves_policies_and_reward_model(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from megatron_polar.data.tokenizer import PolarTokenizer
+
+    polar = PolarTokenizer(tokenizer_dir)
+    assert (polar.bos_id, polar.separator_id, polar.reward_token_id) == (1, 3, 4)
+    text = "  Odd   spacing,\ttabs\nand ünïcode 😀 survive."
+    assert polar.decode(polar.encode(text)) == text
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert hf(text, add_special_tokens=False)["input_ids"] == polar.encode(text)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 2)
+
+
+def test_policy_run_saves_loadable_checkpoints(tokenizer_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run = PolicyRun("p", {"prose": 0.5, "code": 0.5}, (2, 4), batch_size=4, seq_len=16,
+                    shape=PolicyShape(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                      ffn_hidden_size=32))
+    steps = []
+    saved = train_policy_run(run, {"prose": TEXTS[::3], "code": TEXTS[1::3]}, tokenizer_dir,
+                             tmp_path, steps.append)
+    assert [p.name for p in saved] == ["p-2", "p-4"] and len(steps) == 4
+    assert not list(tmp_path.glob(".*"))  # no temporary directories left
+    a, b = (AutoModelForCausalLM.from_pretrained(str(p)) for p in saved)
+    assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+    assert (saved[0] / "tokenizer.json").is_file()
+
+
+def test_ranked_sets_order_checkpoints_and_keep_held_out_apart(tmp_path):
+    cfg = DemoConfig(workdir=str(tmp_path), eval_every=2,
+                     runs=(PolicyRun("r", {"prose": 1.0}, (10, 20, 30, 40)),),
+                     held_out=("r-20",))
+    pipe = DemoPipeline(cfg)
+    assert cfg.training_policies() == ["r-10", "r-30", "r-40"]
+    trajectories = [{"prompt_id": f"c{i:06d}", "prompt": f"p{i}", "policy": f"r-{s}",
+                     "sample_index": 0, "trajectory": f"answer of r-{s} to {i}"}
+                    for i in range(4) for s in (10, 20, 30, 40)]
+    train = pipe.ranked(trajectories, eval_prompts=False, policies=set(cfg.training_policies()))
+    assert [r["id"] for r in train] == ["c000001/r", "c000003/r"]  # odd ids: training prompts
+    for r in train:
+        assert r["policies"] == ["r-40", "r-30", "r-10"]  # later checkpoint ranks higher
+        assert r["responses"][0] == f"answer of r-40 to {r['prompt'][1:]}"
+    evaluation = pipe.ranked(trajectories, eval_prompts=True, policies=None)
+    assert [r["id"] for r in evaluation] == ["c000000/r", "c000002/r"]
+    for r in evaluation:
+        steps = [int(p.split("-")[1]) for p in r["policies"]]
+        assert steps == sorted(steps, reverse=True) and len(set(steps)) == 3
+
+
+def test_finished_stages_are_reused_and_changed_ones_redone(tmp_path):
+    calls = []
+
+    def work(stage, bar):
+        calls.append(stage.key)
+        (stage.dir / "out.txt").write_text(stage.key)
+        return {"value": len(calls)}
+
+    first = run_stage(Stage(tmp_path, "s", "k1"), work, 1, "step")
+    again = run_stage(Stage(tmp_path, "s", "k1"), work, 1, "step")
+    assert calls == ["k1"] and again == first
+    changed = run_stage(Stage(tmp_path, "s", "k2"), work, 1, "step")
+    assert calls == ["k1", "k2"] and changed["value"] == 2
+    assert json.loads((tmp_path / "s" / "stage.json").read_text())["key"] == "k2"
+    # A stage that failed part-way leaves no stamp: it is redone.
+    with pytest.raises(RuntimeError):
+        run_stage(Stage(tmp_path, "t", "k"), lambda s, b: (_ for _ in ()).throw(
+            RuntimeError("boom")), 1, "step")
+    assert not (tmp_path / "t" / "stage.json").exists()
