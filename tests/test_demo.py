@@ -2,8 +2,13 @@
 (`make demo` runs the whole pipeline; these check its pieces quickly.)"""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_polar.demo.pipeline import DemoConfig, DemoPipeline, Stage, run_stage
 from megatron_polar.demo.policies import PolicyRun, PolicyShape, train_policy_run
@@ -44,7 +49,6 @@ def test_tokenizer_serves_policies_and_reward_model(tokenizer_dir):
 
 
 def test_policy_run_saves_loadable_checkpoints(tokenizer_dir, tmp_path):
-    import torch
     from transformers import AutoModelForCausalLM
 
     run = PolicyRun("p", {"prose": 0.5, "code": 0.5}, (2, 4), batch_size=4, seq_len=16,
@@ -81,6 +85,18 @@ def test_ranked_sets_order_checkpoints_and_keep_held_out_apart(tmp_path):
         assert steps == sorted(steps, reverse=True) and len(set(steps)) == 3
 
 
+def test_a_changed_stage_changes_the_keys_of_the_stages_after_it(tmp_path):
+    def keys(**changes):
+        pipe = DemoPipeline(DemoConfig(workdir=str(tmp_path), **changes))
+        return [pipe.stage("a", "vocab_size").key, pipe.stage("b", "sft_lr").key,
+                pipe.stage("c", "seed").key]
+
+    base = keys()
+    assert keys() == base
+    changed = keys(sft_lr=1.0)  # the second stage's setting
+    assert changed[0] == base[0] and changed[1] != base[1] and changed[2] != base[2]
+
+
 def test_finished_stages_are_reused_and_changed_ones_redone(tmp_path):
     calls = []
 
@@ -100,3 +116,38 @@ def test_finished_stages_are_reused_and_changed_ones_redone(tmp_path):
         run_stage(Stage(tmp_path, "t", "k"), lambda s, b: (_ for _ in ()).throw(
             RuntimeError("boom")), 1, "step")
     assert not (tmp_path / "t" / "stage.json").exists()
+
+
+def test_base_model_becomes_an_internlm2_checkpoint_the_importer_reads(tokenizer_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron_polar.demo.base_model import llama_to_internlm2
+    from megatron_polar.model.presets import get_preset
+
+    preset = get_preset("tiny").replace(name="demo", vocab_size=400, reward_token_id=4,
+                                        max_position_embeddings=64)
+    shape = PolicyShape(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                        ffn_hidden_size=176, max_position_embeddings=64)
+    (llama,) = train_policy_run(PolicyRun("b", {"prose": 1.0}, (1,), batch_size=2, seq_len=16,
+                                          shape=shape), {"prose": TEXTS}, tokenizer_dir, tmp_path)
+    hf = llama_to_internlm2(llama, tmp_path / "internlm2", preset)
+    src = load_file(str(llama / "model.safetensors"))
+    dst = load_file(str(hf / "model.safetensors"))
+    # Un-fuse wqkv per KV group (2 query heads, then k, then v, 16 rows each).
+    grouped = dst["model.layers.2.attention.wqkv.weight"].view(2, 4, 16, 64)
+    for rows, name in ((grouped[:, :2], "q_proj"), (grouped[:, 2], "k_proj"),
+                       (grouped[:, 3], "v_proj")):
+        assert torch.equal(rows.reshape(-1, 64), src[f"model.layers.2.self_attn.{name}.weight"])
+    assert torch.equal(dst["model.layers.0.feed_forward.w3.weight"],
+                       src["model.layers.0.mlp.up_proj.weight"])
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "tools/convert_hf.py", "import", "--hf", str(hf),
+                           "--out", str(tmp_path / "ckpt"), "--reward-token-id", "4",
+                           "--tokenizer", str(tokenizer_dir)], capture_output=True, text=True,
+                          env=env, cwd=str(Path(__file__).parents[1]))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    imported = get_preset(str(tmp_path / "ckpt"))
+    assert not imported.differences(preset, ("num_layers", "hidden_size", "num_attention_heads",
+                                              "num_query_groups", "ffn_hidden_size", "vocab_size",
+                                              "rotary_base", "norm_epsilon", "reward_token_id"))

@@ -1,1 +1,1 @@
-"""`make demo`: the whole POLAR pipeline on tiny models, on a CPU, with no downloads (docs/demo.md)."""
+"""`make demo`: the whole POLAR pipeline on tiny models, on a CPU, no downloads (docs/demo.md)."""

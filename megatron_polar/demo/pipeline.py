@@ -43,9 +43,9 @@ class DemoConfig:
     # Never trained on: the evaluation's policies (one of each run, early to late).
     held_out: tuple[str, ...] = ("prose-100", "code-150", "mixed-300")
     # Prompts: corpus prefixes; every 7th prompt is kept for evaluation only.
-    num_prompts: int = 700
+    num_prompts: int = 1500
     eval_every: int = 7
-    max_prefix_tokens: int = 32
+    max_prefix_tokens: int = 16
     max_new_tokens: int = 48
     sampling_batch_size: int = 64
     # The reward model: the tiny preset's shape with the demo vocabulary.
@@ -53,8 +53,9 @@ class DemoConfig:
         num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=176, max_position_embeddings=1024))
     max_length: int = 1024
-    pretrain_iters: int = 900
-    pretrain_lr: float = 3e-3
+    base_steps: int = 800
+    pretrain_iters: int = 700
+    pretrain_lr: float = 2e-3
     sft_iters: int = 60
     sft_lr: float = 2e-4
     global_batch_size: int = 32
@@ -192,10 +193,14 @@ class DemoPipeline:
         self.work = Path(cfg.workdir).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.py = sys.executable
-        self.report: dict = {}
+        self._last_key = ""
 
     def stage(self, name: str, *settings: str) -> Stage:
-        return Stage(self.work, name, self.cfg.key(*settings))
+        """The next stage. The pipeline is a chain, so a stage's key covers its own settings
+        and the key of the stage before it: anything redone upstream is redone downstream."""
+        key = hashlib.sha256(f"{self._last_key}/{self.cfg.key(*settings)}".encode()).hexdigest()
+        self._last_key = key[:16]
+        return Stage(self.work, name, self._last_key)
 
     # 1. corpus and tokenizer
     def corpus(self) -> dict:
@@ -237,6 +242,35 @@ class DemoPipeline:
             return {"policies": names, "held_out": list(self.cfg.held_out)}
         total = sum(run.save_at[-1] for run in self.cfg.runs)
         return run_stage(self.stage("pool", "vocab_size", "runs", "held_out"), work, total,
+                         "step")
+
+    # 2b. the base LM the reward model starts from (the paper initialises from the base LLM)
+    def base_model(self) -> dict:
+        from megatron_polar.convert.importer import import_hf
+        from megatron_polar.demo.base_model import llama_to_internlm2
+        from megatron_polar.demo.corpus import read_corpus
+        from megatron_polar.demo.policies import PolicyShape, train_policy_run
+
+        cfg = self.cfg
+        shape = cfg.rm_shape
+        run = PolicyRun("base", {"prose": 0.5, "code": 0.5}, (cfg.base_steps,), seed=4,
+                        shape=PolicyShape(
+                            hidden_size=shape["hidden_size"], num_layers=shape["num_layers"],
+                            num_heads=shape["num_attention_heads"],
+                            num_kv_heads=shape["num_query_groups"],
+                            ffn_hidden_size=shape["ffn_hidden_size"],
+                            max_position_embeddings=shape["max_position_embeddings"]))
+
+        def work(stage, bar):
+            corpora = {k: read_corpus(self.work / "corpus" / f"{k}.jsonl")
+                       for k in ("prose", "code")}
+            (llama,) = train_policy_run(run, corpora, self.work / "tokenizer", stage.dir,
+                                        bar.update)
+            hf = llama_to_internlm2(llama, stage.dir / "internlm2", self.rm_preset_object())
+            import_hf(hf, stage.dir / "ckpt", reward_token_id=4,
+                      tokenizer=self.work / "tokenizer")
+            return {"steps": cfg.base_steps}
+        return run_stage(self.stage("base", "rm_shape", "base_steps"), work, cfg.base_steps,
                          "step")
 
     # 3. sampling
@@ -355,19 +389,21 @@ class DemoPipeline:
                 "max_new_tokens", "eval_every", "max_length", "rm_shape", "pretrain_iters",
                 "pretrain_lr", "global_batch_size", "micro_batch_tokens")
 
-    def rm_preset(self) -> Path:
+    def rm_preset_object(self):
         from megatron_polar.model.presets import get_preset
 
-        path = self.work / "rm_model.json"
-        preset = get_preset("tiny").replace(name="demo", vocab_size=self.cfg.vocab_size,
-                                            reward_token_id=4, **self.cfg.rm_shape)
-        path.write_text(json.dumps(preset.as_dict(), indent=2))
-        return path
+        return get_preset("tiny").replace(name="demo", vocab_size=self.cfg.vocab_size,
+                                          reward_token_id=4, **self.cfg.rm_shape)
+
+    def rm_preset(self) -> Path:
+        """The preset the base model was imported with (`model.json` of its checkpoint)."""
+        return self.work / "base" / "ckpt"
 
     def pretrain(self) -> dict:
         cfg, data = self.cfg, self.work / "datasets"
         return self._train("pretrain", [
             "--stage", "pretrain", "--model-preset", str(self.rm_preset()),
+            "--pretrained-checkpoint", str(self.work / "base" / "ckpt"),
             "--data-path", str(data / "pretrain"), "--valid-data-path", str(data / "heldout"),
             "--tokenizer", str(self.work / "tokenizer"), "--seed", str(cfg.seed),
             "--micro-batch-tokens", str(cfg.micro_batch_tokens),
@@ -402,9 +438,9 @@ class DemoPipeline:
             ranked = read_ranked([str(data / "eval_ranked.jsonl")])
             encoding = {"encoding": EncodingConfig(max_length=self.cfg.max_length)}
             models = {
-                "initial": lambda: RewardScorer.from_init(
-                    str(self.rm_preset()), str(self.work / "tokenizer"), seed=self.cfg.seed,
-                    **encoding),
+                # The base LM with the import's zero head: every reward ties (chance).
+                "initial": lambda: RewardScorer.from_checkpoint(
+                    str(self.work / "base" / "ckpt"), **encoding),
                 "pretrained": lambda: RewardScorer.from_checkpoint(
                     str(self.work / "pretrain" / "ckpt"), **encoding),
                 "sft": lambda: RewardScorer.from_checkpoint(str(self.work / "sft" / "ckpt"),
@@ -461,19 +497,19 @@ class DemoPipeline:
             answers = by_prompt[prompt_id]
             if all(len(answers.get(p, [])) >= 2 for p in self.cfg.held_out):
                 ref = answers[target][0]
-                out = [{"id": f"{target} (same policy)", "prompt": ref["prompt"],
-                        "reference": ref["trajectory"], "candidate": answers[target][1]["trajectory"],
-                        "wrapper": "pretrain"}]
-                out += [{"id": other, "prompt": ref["prompt"], "reference": ref["trajectory"],
-                         "candidate": answers[other][0]["trajectory"], "wrapper": "pretrain"}
-                        for other in self.cfg.held_out if other != target]
+                candidates = [(f"{target} (same policy)", answers[target][1])] + [
+                    (other, answers[other][0]) for other in self.cfg.held_out if other != target]
+                out = [{"id": name, "prompt": ref["prompt"], "reference": ref["trajectory"],
+                        "candidate": cand["trajectory"], "wrapper": "pretrain"}
+                       for name, cand in candidates]
                 return out
         raise RuntimeError("no held-out prompt has two answers of every held-out policy")
 
     def run(self) -> dict:
         start = time.time()
         report = {"corpus": self.corpus(), "tokenizer": self.tokenizer(), "pool": self.pool(),
-                  "sampling": self.sampling(), "datasets": self.datasets()}
+                  "sampling": self.sampling(), "datasets": self.datasets(),
+                  "base": self.base_model()}
         report["pretrain"] = self.pretrain()
         report["sft"] = self.sft()
         report["evaluate"] = self.evaluate()

@@ -71,7 +71,10 @@ def train_policy_run(run: PolicyRun, corpora: dict[str, list[str]], tokenizer_di
         num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
         num_key_value_heads=s.num_kv_heads, max_position_embeddings=s.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        # InternLM2's norm epsilon and the presets' RoPE base, so that a run in the reward
+        # model's shape converts to it exactly (base_model.py).
+        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     torch.manual_seed(run.seed)
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, betas=(0.9, 0.95),
