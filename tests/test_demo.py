@@ -124,12 +124,13 @@ def test_base_model_becomes_an_internlm2_checkpoint_the_importer_reads(tokenizer
     from megatron_polar.demo.base_model import llama_to_internlm2
     from megatron_polar.model.presets import get_preset
 
-    preset = get_preset("tiny").replace(name="demo", vocab_size=400, reward_token_id=4,
-                                        max_position_embeddings=64)
     shape = PolicyShape(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
                         ffn_hidden_size=176, max_position_embeddings=64)
     (llama,) = train_policy_run(PolicyRun("b", {"prose": 1.0}, (1,), batch_size=2, seq_len=16,
                                           shape=shape), {"prose": TEXTS}, tokenizer_dir, tmp_path)
+    vocab = json.loads((llama / "config.json").read_text())["vocab_size"]  # the tokenizer's
+    preset = get_preset("tiny").replace(name="demo", vocab_size=vocab, reward_token_id=4,
+                                        max_position_embeddings=64)
     hf = llama_to_internlm2(llama, tmp_path / "internlm2", preset)
     src = load_file(str(llama / "model.safetensors"))
     dst = load_file(str(hf / "model.safetensors"))

@@ -141,3 +141,14 @@ def reward_model_config(preset: ModelPreset, dtype: str, carried: Optional[dict]
     config.setdefault("pretraining_tp", 1)
     config.setdefault("attn_implementation", "eager")
     return config
+
+
+def base_model_config(preset: ModelPreset, dtype: str) -> dict:
+    """The `config.json` of an InternLM2 base LM (`InternLM2ForCausalLM`, no reward token), as
+    InternLM2.5 checkpoints ship it."""
+    config = reward_model_config(preset, dtype)
+    config["architectures"] = ["InternLM2ForCausalLM"]
+    config["auto_map"] = {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                          "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}
+    config.pop("reward_token_id")
+    return config

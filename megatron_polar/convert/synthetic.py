@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_polar.convert.hf_config import DTYPES, reward_model_config
+from megatron_polar.convert.hf_config import DTYPES, base_model_config, reward_model_config
 from megatron_polar.convert.hf_files import SafetensorsShardWriter
 from megatron_polar.convert.layout import HF_HEAD, HF_LM_HEAD, units
 from megatron_polar.model.presets import ModelPreset
@@ -38,11 +38,7 @@ def write_random_internlm2(directory: str | Path, preset: ModelPreset, *, reward
     if not reward:
         add(HF_LM_HEAD, (preset.vocab_size, preset.hidden_size))
     writer.close()
-    config = reward_model_config(preset, {t: name for name, t in DTYPES.items()}[dtype])
-    if not reward:
-        config["architectures"] = ["InternLM2ForCausalLM"]
-        config["auto_map"] = {"AutoConfig": "configuration_internlm2.InternLM2Config",
-                              "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}
-        config.pop("reward_token_id")
+    dtype_name = {t: name for name, t in DTYPES.items()}[dtype]
+    config = (reward_model_config if reward else base_model_config)(preset, dtype_name)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory

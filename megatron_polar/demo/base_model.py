@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_polar.convert.hf_config import reward_model_config
+from megatron_polar.convert.hf_config import base_model_config
 from megatron_polar.convert.hf_files import SafetensorsShardWriter
 from megatron_polar.model.presets import ModelPreset
 
@@ -45,10 +45,6 @@ def llama_to_internlm2(llama_dir: Path, out_dir: Path, preset: ModelPreset) -> P
     writer.add("model.norm.weight", w["model.norm.weight"])
     writer.add("output.weight", w["lm_head.weight"])
     writer.close()
-    config = reward_model_config(preset, "fp32")
-    config["architectures"] = ["InternLM2ForCausalLM"]
-    config["auto_map"] = {"AutoConfig": "configuration_internlm2.InternLM2Config",
-                          "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}
-    config.pop("reward_token_id")
+    config = base_model_config(preset, "fp32")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir

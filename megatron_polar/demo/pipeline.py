@@ -392,7 +392,11 @@ class DemoPipeline:
     def rm_preset_object(self):
         from megatron_polar.model.presets import get_preset
 
-        return get_preset("tiny").replace(name="demo", vocab_size=self.cfg.vocab_size,
+        from megatron_polar.data.tokenizer import PolarTokenizer
+
+        # The trained tokenizer's size (BPE may stop short of the vocab_size asked for).
+        vocab = PolarTokenizer(self.work / "tokenizer").vocab_size
+        return get_preset("tiny").replace(name="demo", vocab_size=vocab,
                                           reward_token_id=4, **self.cfg.rm_shape)
 
     def rm_preset(self) -> Path:
