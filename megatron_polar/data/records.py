@@ -1,16 +1,20 @@
-"""Reading JSONL input line by line, with every line either parsed or given a reason.
+"""Reading JSONL input line by line, with every line either parsed or given a reason; writing
+files atomically.
 
 Each line carries its origin (`file:line`) so errors and the reject file can name it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import json
 import os
+import socket
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import IO, Iterator
 
 from megatron_polar.data.encoding import RecordError
 
@@ -87,3 +91,22 @@ def parse_json_object(raw: bytes, required: tuple[str, ...]) -> dict:
         raise RecordError(f"missing field{'s' if len(missing) > 1 else ''} "
                           + ", ".join(f"'{m}'" for m in missing))
     return record
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A file written under a private temporary name, fsynced and renamed into place when the
+    block succeeds (removed when it fails): readers see no file or the whole file, and writers
+    racing to write the same content leave that content. The temporary name is unique across
+    nodes too (host and pid)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

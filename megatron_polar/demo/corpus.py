@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import sysconfig
 import textwrap
 from pathlib import Path
+
+from megatron_polar.data.records import atomic_file
 
 SKIPPED_PACKAGES = {"test", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo",
                     "ensurepip", "pydoc_data"}
@@ -57,12 +58,9 @@ def write_corpus(directory: Path) -> dict[str, int]:
     directory.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for kind, docs in stdlib_documents().items():
-        final = directory / f"{kind}.jsonl"
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(directory / f"{kind}.jsonl") as f:
             for doc in docs:
-                f.write(json.dumps({"text": doc}) + "\n")
-        os.replace(tmp, final)
+                f.write(json.dumps({"text": doc}).encode() + b"\n")
         sizes[kind] = sum(len(d) for d in docs)
     return sizes
 

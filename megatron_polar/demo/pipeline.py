@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from megatron_polar.data.records import atomic_file
 from megatron_polar.demo.policies import PolicyRun
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,9 +97,8 @@ class Stage:
         return None
 
     def finish(self, result: dict) -> dict:
-        tmp = self.stamp.with_name(f"stage.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": self.key, "result": result}, indent=2))
-        os.replace(tmp, self.stamp)
+        with atomic_file(self.stamp) as f:
+            f.write(json.dumps({"key": self.key, "result": result}, indent=2).encode())
         return result
 
 
@@ -167,13 +167,11 @@ def _run(cmd: list[str], log: Path, on_line: Optional[Callable[[str], None]] = N
 
 
 def _write_jsonl(path: Path, records) -> int:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for r in records:
-            f.write(json.dumps(r) + "\n")
+            f.write(json.dumps(r).encode() + b"\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

@@ -141,24 +141,20 @@ def parallel_context(run: "ModelRunConfig") -> "ParallelContext":
     (a group of one for a plain `python`, torchrun's group otherwise). An existing state at
     another layout is an error rather than torn down under its owner."""
     from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_polar.training.parallel import ParallelContext, initialize_parallel
 
     if not parallel_state.model_parallel_is_initialized():
         return initialize_parallel(run)
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    vp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    have = (pg.tp.size(), pg.pp.size(), vp)
+    ctx = ParallelContext.from_mpu(parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    have = (ctx.tp_size, ctx.pp_size, ctx.vp_size)
     want = (run.tensor_model_parallel_size, run.pipeline_model_parallel_size,
             run.virtual_pipeline_model_parallel_size)
     if have != want:
         raise ScorerError(f"megatron's parallel state is already initialised at TP={have[0]} "
                           f"PP={have[1]} VPP={have[2]}; the scorer was asked for TP={want[0]} "
                           f"PP={want[1]} VPP={want[2]}")
-    return ParallelContext(pg=pg, tp_rank=pg.tp.rank(), tp_size=pg.tp.size(),
-                           pp_rank=pg.pp.rank(), pp_size=pg.pp.size(), dp_rank=pg.dp.rank(),
-                           dp_size=pg.dp.size(), vp_size=vp)
+    return ctx
 
 
 def score_sequences(chunks, ctx, sequences: list[list[int]], token_budget: int,

@@ -14,17 +14,15 @@ read back by every later run or array task, so all policies and shards see one p
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
-import os
 import random
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
-from megatron_polar.data.records import expand_inputs
+from megatron_polar.data.encoding import RecordError
+from megatron_polar.data.records import atomic_file, expand_inputs, iter_lines, parse_json_object
 
 PROMPTS_FILE = "prompts.jsonl"
 META_FILE = "prompts.meta.json"
@@ -72,18 +70,11 @@ def _is_jsonl(path: str) -> bool:
 
 
 def _json_lines(path: str) -> Iterator[tuple[str, dict]]:
-    with _open_text(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise PromptError(f"{where}: expected a JSON object")
-            yield where, record
+    for line in iter_lines([path]):
+        try:
+            yield line.where, parse_json_object(line.raw, ())
+        except RecordError as e:
+            raise PromptError(f"{line.where}: {e}") from None
 
 
 def iter_documents(files: Iterable[str], field: str) -> Iterator[tuple[str, str]]:
@@ -206,23 +197,6 @@ def build_prompts(settings: PromptSettings, load_tokenizer: Callable[[str], Any]
 
 # ---- the prompt set on disk --------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[IO[bytes]]:
-    """A file written under a private temporary name and renamed into place when the block
-    succeeds: readers see no file or the whole file, and array tasks racing to write the same
-    content leave that content. The temporary name is unique across nodes too."""
-    tmp = path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_prompts(path: Path, select: Optional[Callable[[int], bool]] = None
                  ) -> list[tuple[int, Prompt]]:
     """(position, prompt) of the prompts in a prompt set, those whose position `select`s."""
@@ -258,13 +232,14 @@ def load_or_build_prompts(output: str, settings: PromptSettings,
     out.mkdir(parents=True, exist_ok=True)
     counts = {"corpus": 0, "instruction": 0}
     # Metadata goes in place before prompts.jsonl, so a prompts.jsonl never lacks it.
-    with _atomic(prompts_path) as f:
+    # Array tasks racing to build the set write the same content: atomic_file leaves it whole.
+    with atomic_file(prompts_path) as f:
         for prompt in build_prompts(settings, load_tokenizer):
             f.write(json.dumps(asdict(prompt), ensure_ascii=False).encode() + b"\n")
             counts[prompt.kind] += 1
         if not sum(counts.values()):
             raise PromptError("the corpus and instruction files hold no prompts")
-        with _atomic(meta_path) as m:
+        with atomic_file(meta_path) as m:
             m.write(json.dumps({"format": FORMAT, "settings": want, "counts": counts},
                                indent=2).encode() + b"\n")
     return read_prompts(prompts_path, select)

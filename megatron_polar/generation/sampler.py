@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from megatron_polar.data.records import atomic_file
 from megatron_polar.generation.backends import SamplingParams, load_backend, resolve_backend
 from megatron_polar.generation.pool import Policy, read_pool, resolve_kind, select_policies
 from megatron_polar.generation.prompts import (Prompt, PromptSettings, encode_prompt,
@@ -171,16 +172,12 @@ def _resume(partial: Path, sampling: dict) -> set[tuple[str, int]]:
 
 def _finish(partial: Path, final: Path, summary: SamplingSummary):
     """Publish a complete shard under its final name, without empty trajectories."""
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    with open(partial, "rb") as src, open(tmp, "wb") as dst:
+    with open(partial, "rb") as src, atomic_file(final) as dst:
         for line in src:
             if json.loads(line)["trajectory"].strip():
                 dst.write(line)
             else:
                 summary.empty += 1
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, final)
     partial.unlink()
     summary.shards_finished += 1
 

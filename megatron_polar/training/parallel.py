@@ -32,6 +32,14 @@ class ParallelContext:
     dp_size: int
     vp_size: int | None
 
+    @classmethod
+    def from_mpu(cls, vp_size: int | None) -> "ParallelContext":
+        """This rank's context from megatron's initialised parallel state."""
+        pg = ProcessGroupCollection.use_mpu_process_groups()
+        return cls(pg=pg, tp_rank=pg.tp.rank(), tp_size=pg.tp.size(), pp_rank=pg.pp.rank(),
+                   pp_size=pg.pp.size(), dp_rank=pg.dp.rank(), dp_size=pg.dp.size(),
+                   vp_size=vp_size)
+
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
@@ -69,11 +77,7 @@ def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> Paral
         context_parallel_size=run.context_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    ctx = ParallelContext(
-        pg=pg, tp_rank=pg.tp.rank(), tp_size=pg.tp.size(), pp_rank=pg.pp.rank(),
-        pp_size=pg.pp.size(), dp_rank=pg.dp.rank(), dp_size=pg.dp.size(),
-        vp_size=run.virtual_pipeline_model_parallel_size)
+    ctx = ParallelContext.from_mpu(run.virtual_pipeline_model_parallel_size)
     seed_everything(run.seed, ctx)
     return ctx
 
