@@ -11,7 +11,8 @@ $(STAMP): setup.py requirements/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/cpu.txt
-	$(PY) -m pip install -q -e '.[test,demo]'
+	$(PY) -m pip install -q -e '.[test,demo,rlhf-test]'
+	$(PY) -m pip install -q --no-deps nemo-aligner==0.7.0
 	touch $(STAMP)
 
 venv: $(STAMP)

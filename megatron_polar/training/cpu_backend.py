@@ -6,7 +6,7 @@ so GPU runs never touch this module. What it changes, and why:
 
 1. ``torch.cuda.current_device`` returns 0 instead of raising: megatron passes it as a
    ``device=`` argument; item 2 then maps that to the CPU.
-2. A ``TorchFunctionMode`` (``_CudaToCpuMode``) is pushed for the whole process: every
+2. A ``TorchFunctionMode`` (``_CudaToCpuMode``) is pushed for the main thread: every
    ``device=`` keyword, ``Tensor.to/cuda`` target and positional device that names CUDA
    ("cuda", "cuda:N", ``torch.device("cuda")`` or an int index) becomes ``cpu``; megatron
    allocates e.g. ``torch.zeros(..., device="cuda")`` in its schedules and DDP buffers.
@@ -14,6 +14,8 @@ so GPU runs never touch this module. What it changes, and why:
    tensors ("torch.cuda.FloatTensor" for a CPU fp32 tensor): megatron's optimizers
    (``Float16OptimizerWithFloat16Params``, ``DistributedOptimizer``) and
    ``clip_grad_by_total_norm_fp32`` dispatch on, or assert, those names.
+   torch keeps function modes per thread, so code that runs the model from other threads
+   (the servers' request threads) enters ``cpu_backend_thread()`` around it.
 3. megatron's CUDA RNG tracker (``megatron.core.tensor_parallel.random``) is replaced by
    ``CpuRNGStatesTracker``, which keeps named *CPU* generator states with the same fork
    semantics (dropout regions, weight init forks).
@@ -117,7 +119,7 @@ def enable_cpu_backend() -> bool:
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *a, **k: None
     torch.cuda.manual_seed = lambda seed: None
-    _CudaToCpuMode().__enter__()  # process-wide on purpose: megatron allocates everywhere
+    _CudaToCpuMode().__enter__()  # for the whole thread on purpose: megatron allocates everywhere
 
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -126,3 +128,14 @@ def enable_cpu_backend() -> bool:
     mrandom.initialize_rng_tracker = lambda *a, **k: None  # keep the CPU tracker
     _ENABLED = True
     return True
+
+
+def cpu_backend_thread():
+    """A context that applies the device routing (item 2) in the calling thread, when the CPU
+    backend is enabled and the thread does not have it yet; otherwise it does nothing."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    if not _ENABLED or any(isinstance(m, _CudaToCpuMode)
+                           for m in _get_current_function_mode_stack()):
+        return contextlib.nullcontext()
+    return _CudaToCpuMode()

@@ -1,0 +1,110 @@
+"""Serve a POLAR reward model to NeMo-Aligner PPO (PyTriton) and to POLAR's client (/pooling).
+
+    python -m megatron_polar.serving --hf POLAR-7B-mine --references refs.jsonl \\
+        --actor-tokenizer ACTOR_TOKENIZER --port 5555
+    python -m megatron_polar.serving --checkpoint runs/polar7b --references refs.jsonl \\
+        --critic --critic-save runs/critic --port 5567          # combined RM + critic server
+
+Binds to 127.0.0.1 unless --host says otherwise. See docs/rlhf.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_polar.training.arguments import add_model_args
+
+    p = argparse.ArgumentParser(prog="python -m megatron_polar.serving",
+                                description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="megatron checkpoint: run dir, iter_N dir or weights")
+    src.add_argument("--hf", help="HF InternLM2ForRewardModel directory (e.g. an export)")
+    p.add_argument("--tokenizer", default=None,
+                   help="the reward model's tokenizer (default: the one kept with the model)")
+    p.add_argument("--max-length", type=int, default=16384)
+    p.add_argument("--max-response-length", type=int, default=4096)
+    p.add_argument("--micro-batch-tokens", type=int, default=8192,
+                   help="tokens per packed micro-batch of the reward model")
+
+    g = p.add_argument_group("prompts and references (token requests)")
+    g.add_argument("--references", default=None,
+                   help="reference file (tools/make_rlhf_prompts.py); without it only /pooling "
+                        "serves")
+    g.add_argument("--actor-tokenizer", default=None,
+                   help="the PPO actor's tokenizer (.model file or HF tokenizer dir; default: "
+                        "the reward model's)")
+    g.add_argument("--actor-eos-ids", default=None,
+                   help="comma-separated ids cut from the end of a response (default: the "
+                        "actor tokenizer's EOS)")
+    g.add_argument("--unknown-prompt-reward", type=float, default=None,
+                   help="reward of a sequence whose prompt is not in the reference file "
+                        "(default: refuse the request, naming the batch index)")
+
+    g = p.add_argument_group("reward post-processing (default: raw rewards, as released)")
+    g.add_argument("--reward-normalization", choices=["none", "fixed", "running"],
+                   default="none")
+    g.add_argument("--reward-mean", type=float, default=0.0, help="for 'fixed'")
+    g.add_argument("--reward-std", type=float, default=1.0, help="for 'fixed'")
+    g.add_argument("--reward-clip", type=float, default=None,
+                   help="clip rewards to [-C, C] after normalisation")
+
+    g = p.add_argument_group("servers")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default localhost; 0.0.0.0 for actors on other nodes)")
+    g.add_argument("--port", type=int, default=5555, help="PyTriton HTTP port (NeMo-Aligner)")
+    g.add_argument("--grpc-port", type=int, default=None, help="Triton gRPC port (default off)")
+    g.add_argument("--metrics-port", type=int, default=None, help="Triton metrics (default off)")
+    g.add_argument("--pooling-port", type=int, default=23333,
+                   help="HTTP port of /pooling (POLAR's client); 0 turns it off")
+    g.add_argument("--model-name", default="reward_model",
+                   help="PyTriton model name of the reward (NeMo-Aligner's reward_model.name)")
+    g.add_argument("--max-batch-size", type=int, default=64,
+                   help="sequences per request and per dynamically batched execution")
+    g.add_argument("--max-queue-delay-us", type=int, default=2000,
+                   help="Triton dynamic batcher's wait for more requests")
+    g.add_argument("--max-request-tokens", type=int, default=4 * 1024 * 1024,
+                   help="largest batch x sequence tokens of one request")
+    g.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
+                   help="largest /pooling request body")
+
+    g = p.add_argument_group("critic (NeMo-Aligner combine_rm_and_critic_server=True)")
+    g.add_argument("--critic", action="store_true",
+                   help="also serve critic_infer / critic_train / critic_save")
+    g.add_argument("--critic-lr", type=float, default=1e-5)
+    g.add_argument("--critic-loss-clip", type=float, default=0.2)
+    g.add_argument("--critic-weight-decay", type=float, default=0.0)
+    g.add_argument("--critic-clip-grad", type=float, default=1.0)
+    g.add_argument("--critic-global-batch-size", type=int, default=64)
+    g.add_argument("--critic-micro-batch-size", type=int, default=4)
+    g.add_argument("--critic-save", default=None, help="where critic_save writes checkpoints")
+    g.add_argument("--critic-load", default=None, help="resume the critic from a checkpoint")
+    add_model_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_polar.serving.server import ServerError, build_server
+
+    try:
+        server = build_server(args)
+    except ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with server:
+        print(json.dumps({"ready": server.describe()}), flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

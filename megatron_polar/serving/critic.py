@@ -1,0 +1,234 @@
+"""The PPO critic beside the POLAR reward (NeMo-Aligner's `combine_rm_and_critic_server`).
+
+The value model is a second copy of the POLAR network: the backbone loaded from the POLAR
+checkpoint, and the reward head used as a per-token value head (NeMo-Aligner and OpenRLHF also
+start the critic from the reward model). It reads the actor's token ids directly, so the actor
+must share the reward model's vocabulary (`CriticService` refuses ids outside it).
+
+Shapes follow NeMo-Aligner 0.7.0's critic server: `values` [B, S] (position t is the value of
+the prefix ending at token t; the actor keeps the first S-1), `returns`, `prev_values`, `mask`
+[B, S-1]. Training is megatron-core's: DDP, megatron's Adam, forward-backward schedules. The
+loss is NeMo-Aligner's clipped value loss,
+
+    v_clip = prev + clamp(v - prev, -clip, clip)
+    loss   = 0.5 * mean over mask of max((v - R)^2, (v_clip - R)^2),
+
+averaged over every masked token of a global batch (megatron's per-token loss contract), with
+one optimizer step per `global_batch_size` sequences; `train` returns the mean loss of its steps.
+`save` writes a megatron training checkpoint (model + optimizer) that `--critic-load` resumes
+and any of our tools can read as weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_polar.serving.rewards import RequestError
+from megatron_polar.training.cpu_backend import cpu_backend_thread
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    lr: float = 1e-5  # POLAR's PPO recipe
+    clip: float = 0.2  # NeMo-Aligner's loss_clip_val
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    global_batch_size: int = 64  # sequences per optimizer step
+    micro_batch_size: int = 4  # sequences per forward-backward micro-batch
+    save_dir: Optional[str] = None
+    max_tokens: int = 4 * 1024 * 1024  # B x S of one request
+
+
+@dataclass
+class _CriticMicroBatch:
+    tokens: torch.Tensor  # [b, S]
+    position_ids: torch.Tensor
+    returns: torch.Tensor  # [b, S-1]
+    prev_values: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def clipped_value_loss(values: torch.Tensor, returns: torch.Tensor, prev_values: torch.Tensor,
+                       mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """Summed (not averaged) 0.5 * max((v - R)^2, (v_clip - R)^2) over the masked positions."""
+    loss = (values - returns) ** 2
+    if clip > 0:
+        clipped = prev_values + (values - prev_values).clamp(-clip, clip)
+        loss = torch.maximum(loss, (clipped - returns) ** 2)
+    return 0.5 * (loss * mask).sum()
+
+
+class CriticService:
+    """Value inference, training and saving on one value model (single stage)."""
+
+    def __init__(self, chunks, optimizer, ctx, config: CriticConfig, vocab_size: int,
+                 lock: Optional[threading.Lock] = None, describe=None):
+        from megatron_polar.training.step import unwrap
+
+        if ctx.pp_size != 1 or len(chunks) != 1:
+            raise ValueError("the critic runs on one pipeline stage (PP=1)")
+        self.chunks, self.optimizer, self.ctx, self.config = chunks, optimizer, ctx, config
+        self.vocab_size = vocab_size
+        self.model = chunks[0]
+        self.core = unwrap(self.model)
+        self.lock = lock or threading.Lock()
+        self.steps = 0
+        self.describe = describe
+        self._writer = None
+
+    @classmethod
+    def build(cls, source, run, config: CriticConfig, lock=None,
+              load: Optional[str] = None) -> "CriticService":
+        """A value model from `source` (a `ModelSource`: the POLAR checkpoint) or, with `load`,
+        resumed from a critic checkpoint this class saved."""
+        from megatron.core.optimizer import OptimizerConfig
+
+        from megatron_polar.eval.scorer import parallel_context
+        from megatron_polar.training.checkpointing import (load_checkpoint, load_model_weights,
+                                                           resolve_checkpoint_dir)
+        from megatron_polar.training.step import build_model_chunks, build_optimizer
+
+        if source.checkpoint is None and load is None:
+            raise ValueError("the critic starts from a trained POLAR model; give a checkpoint")
+        ctx = parallel_context(run)
+        chunks = build_model_chunks(source.preset, run, ctx)
+        optimizer = build_optimizer(chunks, OptimizerConfig(
+            optimizer="adam", lr=config.lr, weight_decay=config.weight_decay,
+            adam_beta1=0.9, adam_beta2=0.95, clip_grad=config.clip_grad, bf16=run.bf16,
+            params_dtype=torch.bfloat16 if run.bf16 else torch.float32), ctx)
+        service = cls(chunks, optimizer, ctx, config, source.preset.vocab_size, lock)
+        if load is not None:
+            common = load_checkpoint(resolve_checkpoint_dir(load), chunks, optimizer, ctx)
+            service.steps = int(common.get("critic_steps", 0))
+        else:
+            load_model_weights(chunks, source.checkpoint)
+        return service
+
+    # -- inference --------------------------------------------------------------------------------
+
+    def _check_ids(self, tokens: np.ndarray) -> None:
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise RequestError(f"token ids must lie in 0..{self.vocab_size - 1} (the value "
+                               "model's vocabulary); the critic needs the actor to share the "
+                               "reward model's tokenizer")
+
+    @torch.no_grad()
+    def values(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """float32 [B, S] per-token values; positions at or after a sequence's length are 0."""
+        from megatron_polar.training.parallel import compute_device
+
+        self._check_ids(tokens)
+        device = compute_device()
+        t = torch.as_tensor(tokens, dtype=torch.long, device=device)
+        pos = torch.arange(t.shape[1], device=device).expand_as(t).contiguous()
+        with self.lock, cpu_backend_thread():
+            self.model.eval()
+            try:
+                scores = self.model(t, pos, None)[..., 0].float()
+            finally:
+                self.model.train()
+        valid = torch.arange(t.shape[1], device=device)[None, :] < torch.as_tensor(
+            lengths, device=device).reshape(-1, 1)
+        return (scores * valid).cpu().numpy().astype(np.float32)
+
+    # -- training --------------------------------------------------------------------------------
+
+    def _check_train_batch(self, tokens, returns, prev_values, mask):
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+            raise RequestError(f"'tokens' must be [batch >= 1, seq >= 2], got "
+                               f"{list(tokens.shape)}")
+        want = [tokens.shape[0], tokens.shape[1] - 1]
+        for name, arr in (("returns", returns), ("prev_values", prev_values), ("mask", mask)):
+            if list(np.shape(arr)) != want:
+                raise RequestError(f"'{name}' must be [batch, seq - 1] = {want}, got "
+                                   f"{list(np.shape(arr))}")
+            if not np.isfinite(arr).all():
+                raise RequestError(f"'{name}' has non-finite values")
+        if tokens.size > self.config.max_tokens:
+            raise RequestError(f"request of {tokens.size} tokens exceeds the server's limit "
+                               f"of {self.config.max_tokens}")
+        self._check_ids(tokens)
+        if not np.asarray(mask).any():
+            raise RequestError("'mask' selects no position")
+
+    def train(self, tokens, returns, prev_values, mask) -> float:
+        """Optimizer steps over the rollout batch; the mean value loss of the steps."""
+        self._check_train_batch(tokens, returns, prev_values, mask)
+        from megatron_polar.training.step import _run_schedule, guarded_optimizer_step
+
+        cfg = self.config
+        as_t = partial(torch.as_tensor, dtype=torch.float32)
+        tokens_t = torch.as_tensor(tokens, dtype=torch.long)
+        data = [tokens_t, as_t(returns), as_t(prev_values), as_t(mask)]
+        losses = []
+        with self.lock, cpu_backend_thread():
+            for start in range(0, tokens_t.shape[0], cfg.global_batch_size):
+                part = [d[start:start + cfg.global_batch_size] for d in data]
+                micro = [_micro_batch(*(d[i:i + cfg.micro_batch_size] for d in part))
+                         for i in range(0, part[0].shape[0], cfg.micro_batch_size)]
+                micro = [m for m in micro if m.num_tokens > 0]
+                if not micro:
+                    continue
+                self.model.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                outputs = _run_schedule(self.chunks, micro, forward_only=False, ctx=self.ctx,
+                                        forward_step=partial(_value_forward_step,
+                                                             clip=cfg.clip))
+                total = sum(float(o["loss_sum"]) for o in outputs)
+                count = sum(m.num_tokens for m in micro)
+                loss = total / count
+                ok, _ = guarded_optimizer_step(self.optimizer, np.isfinite(loss))
+                if ok:
+                    self.steps += 1
+                losses.append(loss)
+        return float(np.mean(losses))
+
+    # -- saving ----------------------------------------------------------------------------------
+
+    def save(self) -> str:
+        from megatron_polar.training.checkpointing import CheckpointWriter, training_state_dict
+
+        if self.config.save_dir is None:
+            raise RequestError("this critic has no --critic-save directory")
+        with self.lock, cpu_backend_thread():
+            if self._writer is None:
+                self._writer = CheckpointWriter(self.config.save_dir, describe=self.describe)
+            common = {"critic_steps": self.steps,
+                      "layout": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size}}
+            self._writer.save(self.steps, training_state_dict(self.chunks, self.optimizer,
+                                                              self.ctx, common=common))
+        return f"{self.config.save_dir}/iter_{self.steps:07d}"
+
+
+def _micro_batch(tokens, returns, prev_values, mask) -> _CriticMicroBatch:
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()
+    return _CriticMicroBatch(tokens, pos, returns, prev_values, mask)
+
+
+def _value_forward_step(data_iterator, model, clip: float):
+    from megatron_polar.training.parallel import compute_device
+
+    mb: _CriticMicroBatch = next(data_iterator)
+    device = compute_device()
+    scores = model(mb.tokens.to(device), mb.position_ids.to(device), None)
+    return scores, partial(_value_loss, mb, clip)
+
+
+def _value_loss(mb: _CriticMicroBatch, clip: float, scores: torch.Tensor):
+    values = scores[:, :-1, 0].float()  # the value of each prefix but the full sequence
+    device = values.device
+    loss = clipped_value_loss(values, mb.returns.to(device), mb.prev_values.to(device),
+                              mb.mask.to(device), clip)
+    count = torch.tensor(mb.num_tokens, dtype=torch.int, device=device)
+    return loss, count, {"loss_sum": loss.detach()}

@@ -1,0 +1,132 @@
+"""Assembling the server from the CLI flags: model, references, critic, front ends.
+
+`RewardServer` is a context manager that starts PyTriton (NeMo-Aligner's models) and the
+/pooling HTTP server in the background and stops both on exit; tests and benchmarks use it
+in-process, `python -m megatron_polar.serving` around a wait for SIGTERM.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Optional
+
+from megatron_polar.serving.triton_models import TritonSettings
+
+
+class ServerError(RuntimeError):
+    """A server that cannot start; the message says why (exit status 2)."""
+
+
+class RewardServer:
+    def __init__(self, service, settings: TritonSettings, critic=None,
+                 pooling_port: Optional[int] = 23333, pooling_model_name: str = "polar"):
+        self.service, self.settings, self.critic = service, settings, critic
+        self.pooling_port = pooling_port
+        self.pooling_model_name = pooling_model_name
+        self._triton = None
+        self._pooling = None
+
+    def __enter__(self) -> "RewardServer":
+        from megatron_polar.serving.pooling import PoolingServer
+        from megatron_polar.serving.triton_models import (bind_critic, bind_reward_model,
+                                                          prefer_own_libpython, triton_config)
+
+        try:
+            if self.pooling_port:
+                self._pooling = PoolingServer(self.service, self.settings.host, self.pooling_port,
+                                              self.pooling_model_name)
+                self._pooling.start()
+            prefer_own_libpython()
+            from pytriton.triton import Triton
+
+            self._triton = Triton(config=triton_config(self.settings))
+            if self.service.references is not None:
+                bind_reward_model(self._triton, self.service, self.settings)
+                if self.critic is not None:
+                    bind_critic(self._triton, self.service, self.critic, self.settings)
+            self._triton.run()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._triton is not None:
+            self._triton.stop()
+            self._triton = None
+        if self._pooling is not None:
+            self._pooling.shutdown()
+            self._pooling.server_close()
+            self._pooling = None
+
+    def describe(self) -> dict:
+        models = []
+        if self.service.references is not None:
+            models.append(self.settings.reward_model_name)
+            if self.critic is not None:
+                models += ["critic_infer", "critic_train", "critic_save"]
+        return {"host": self.settings.host, "triton_http_port": self.settings.http_port,
+                "triton_models": models,
+                "pooling_port": self.pooling_port or None,
+                "references": len(self.service.references or ())}
+
+
+def build_server(args) -> RewardServer:
+    """Load everything the flags name; ServerError for anything a user can fix."""
+    import os
+
+    from megatron_polar.data.encoding import EncodingConfig, RecordError
+    from megatron_polar.eval.scorer import RewardScorer, ScorerError, open_source
+    from megatron_polar.serving.postprocess import PostprocessConfig, RewardPostprocessor
+    from megatron_polar.serving.references import (ActorTokenizer, ReferenceTable,
+                                                   optional_int_list)
+    from megatron_polar.serving.rewards import PolarRewardService, RequestLimits
+    from megatron_polar.training.arguments import run_config_from_args
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ServerError("the server runs in one process (TP=PP=1); start it without torchrun")
+    if args.critic and args.references is None:
+        raise ServerError("--critic serves NeMo-Aligner, whose requests need --references")
+    try:
+        post = RewardPostprocessor(PostprocessConfig(
+            args.reward_normalization, args.reward_mean, args.reward_std, args.reward_clip))
+        encoding = EncodingConfig(args.max_length, args.max_response_length)
+    except ValueError as e:
+        raise ServerError(str(e)) from None
+    lock = threading.Lock()
+    try:
+        with open_source(checkpoint=args.checkpoint, hf=args.hf, tokenizer=args.tokenizer,
+                         model_preset=args.model_preset) as source:
+            references = None
+            if args.references is not None:
+                actor = ActorTokenizer(args.actor_tokenizer or source.tokenizer,
+                                       eos_ids=optional_int_list(args.actor_eos_ids))
+                references = ReferenceTable.from_file(args.references, actor)
+            run = run_config_from_args(args, source.preset.num_layers)
+            scorer = RewardScorer.load(source, run, encoding=encoding,
+                                       micro_batch_tokens=args.micro_batch_tokens)
+            critic = None
+            if args.critic:
+                critic = _build_critic(args, source, run, lock)
+    except (ScorerError, RecordError, FileNotFoundError, ValueError) as e:
+        raise ServerError(str(e)) from None
+    service = PolarRewardService(
+        scorer, references, post, args.unknown_prompt_reward,
+        RequestLimits(args.max_batch_size, args.max_request_tokens, args.max_body_bytes), lock)
+    settings = TritonSettings(args.host, args.port, args.grpc_port, args.metrics_port,
+                              args.model_name, args.max_batch_size, args.max_queue_delay_us)
+    return RewardServer(service, settings, critic, args.pooling_port)
+
+
+def _build_critic(args, source, run, lock):
+    from megatron_polar.serving.critic import CriticConfig, CriticService
+
+    config = CriticConfig(lr=args.critic_lr, clip=args.critic_loss_clip,
+                          weight_decay=args.critic_weight_decay, clip_grad=args.critic_clip_grad,
+                          global_batch_size=args.critic_global_batch_size,
+                          micro_batch_size=args.critic_micro_batch_size,
+                          save_dir=args.critic_save, max_tokens=args.max_request_tokens)
+    # The critic is a second model beside the reward model: its own seed stream is irrelevant
+    # (its weights are loaded), but its layout is the reward model's.
+    return CriticService.build(source, replace(run), config, lock=lock, load=args.critic_load)
