@@ -366,7 +366,13 @@ def test_unknown_prompt_fallback_reward(served):
         tokens[[0, 2]], lengths[[0, 2]]), atol=1e-6)
 
 
-def test_cli_serves_on_localhost_and_stops_on_sigterm(served, tmp_path):
+def test_cli_tp2_under_torchrun_serves_on_localhost_and_stops_on_sigterm(served, communicator,
+                                                                       tmp_path):
+    """`torchrun -m megatron_polar.serving --tensor-model-parallel-size 2`: rank 0 serves, rank 1
+    follows; rewards equal the one-process server's, the critic trains, SIGTERM to rank 0 ends
+    both."""
+    from nemo_aligner.servers.http_communicator import HTTPCommunicator
+
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
@@ -377,9 +383,14 @@ def test_cli_serves_on_localhost_and_stops_on_sigterm(served, tmp_path):
 
     triton_port, pooling_port = free_ports(2)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "megatron_polar.serving", "--checkpoint", str(served["ckpt"]),
-         "--port", str(triton_port), "--pooling-port", str(pooling_port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "megatron_polar.serving", "--checkpoint", str(served["ckpt"]),
+         "--tensor-model-parallel-size", "2", "--references",
+         str(served["root"] / "references.jsonl"), "--critic", "--port", str(triton_port),
+         "--pooling-port", str(pooling_port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=(tmp_path / "log").open("w"),
+        text=True)
+    comm = None
     try:
         ready = None
         for line in proc.stdout:
@@ -387,12 +398,32 @@ def test_cli_serves_on_localhost_and_stops_on_sigterm(served, tmp_path):
                 ready = json.loads(line)["ready"]
                 break
         assert ready and ready["host"] == "127.0.0.1" and ready["pooling_port"] == pooling_port
+        comm = HTTPCommunicator(init_timeout_s=120)
+        for name in ("reward_model", "critic_infer", "critic_train"):
+            comm.add_server_by_name(name, ip="127.0.0.1", port=triton_port)
+        tokens, lengths = rollouts(served["tok"], PAIRS)
+        data = {"tokens": tokens, "sequence_lengths": lengths}
+        expected = communicator.send_data_to_server("reward_model", data).result()["rewards"]
+        got = comm.send_data_to_server("reward_model", data).result()["rewards"]
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        out = comm.send_data_to_server("critic_infer", data).result()
+        np.testing.assert_allclose(out["rewards"], expected, atol=1e-5)
+        assert out["values"].shape == tokens.shape
+        mask = (np.arange(tokens.shape[1] - 1)[None, :] < lengths - 1).astype(np.float32)
+        loss = comm.send_data_to_server("critic_train", {
+            "tokens": tokens, "returns": mask, "prev_values": out["values"][:, :-1],
+            "mask": mask}, batching=False).result()["loss_mean"]
+        assert np.isfinite(loss).all()
         status, body = post(f"http://127.0.0.1:{pooling_port}/pooling",
                             {"input": _polar_string(served, 2, RESPONSES[2])})
         assert status == 200
-        expected = served["server"].service.rewards_for_texts([_polar_string(served, 2,
-                                                                              RESPONSES[2])])
-        assert body["data"][0]["data"] == pytest.approx(float(expected[0]), abs=1e-5)
+        single = served["server"].service.rewards_for_texts([_polar_string(served, 2,
+                                                                            RESPONSES[2])])
+        assert body["data"][0]["data"] == pytest.approx(float(single[0]), abs=1e-5)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        if comm is not None:
+            comm.close()
+        # SIGTERM to rank 0 (torchrun itself exits 1 on a signal): it stops serving and
+        # releases rank 1; both exit 0, and so does torchrun.
+        os.kill(ready["pid"] if ready else proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, (tmp_path / "log").read_text()[-3000:]

@@ -4,6 +4,8 @@
         --actor-tokenizer ACTOR_TOKENIZER --port 5555
     python -m megatron_polar.serving --checkpoint runs/polar7b --references refs.jsonl \\
         --critic --critic-save runs/critic --port 5567          # combined RM + critic server
+    torchrun --nproc-per-node 2 -m megatron_polar.serving --checkpoint runs/polar7b \\
+        --tensor-model-parallel-size 2 --references refs.jsonl --critic ...   # rank 0 serves
 
 Binds to 127.0.0.1 unless --host says otherwise. See docs/rlhf.md.
 """
@@ -97,6 +99,13 @@ def main(argv=None) -> int:
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not server.is_front:
+        # Followers leave when rank 0 tells them (after its own SIGTERM), so that a model
+        # operation in flight is never cut on some ranks only.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        server.follow()
+        return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

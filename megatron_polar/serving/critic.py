@@ -21,7 +21,6 @@ and any of our tools can read as weights.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -29,8 +28,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_polar.serving.collective import Collective
 from megatron_polar.serving.rewards import RequestError
-from megatron_polar.training.cpu_backend import cpu_backend_thread
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class CriticService:
     """Value inference, training and saving on one value model (single stage)."""
 
     def __init__(self, chunks, optimizer, ctx, config: CriticConfig, vocab_size: int,
-                 lock: Optional[threading.Lock] = None, describe=None):
+                 collective: Optional[Collective] = None):
         from megatron_polar.training.step import unwrap
 
         if ctx.pp_size != 1 or len(chunks) != 1:
@@ -81,13 +80,16 @@ class CriticService:
         self.vocab_size = vocab_size
         self.model = chunks[0]
         self.core = unwrap(self.model)
-        self.lock = lock or threading.Lock()
         self.steps = 0
-        self.describe = describe
         self._writer = None
+        # Public methods check their inputs (on rank 0), then run the work on every rank.
+        self.collective = collective or Collective()
+        self.collective.register("critic_values", self._values)
+        self.collective.register("critic_train", self._train)
+        self.collective.register("critic_save", self._save)
 
     @classmethod
-    def build(cls, source, run, config: CriticConfig, lock=None,
+    def build(cls, source, run, config: CriticConfig, collective: Optional[Collective] = None,
               load: Optional[str] = None) -> "CriticService":
         """A value model from `source` (a `ModelSource`: the POLAR checkpoint) or, with `load`,
         resumed from a critic checkpoint this class saved."""
@@ -106,7 +108,7 @@ class CriticService:
             optimizer="adam", lr=config.lr, weight_decay=config.weight_decay,
             adam_beta1=0.9, adam_beta2=0.95, clip_grad=config.clip_grad, bf16=run.bf16,
             params_dtype=torch.bfloat16 if run.bf16 else torch.float32), ctx)
-        service = cls(chunks, optimizer, ctx, config, source.preset.vocab_size, lock)
+        service = cls(chunks, optimizer, ctx, config, source.preset.vocab_size, collective)
         if load is not None:
             common = load_checkpoint(resolve_checkpoint_dir(load), chunks, optimizer, ctx)
             service.steps = int(common.get("critic_steps", 0))
@@ -122,21 +124,23 @@ class CriticService:
                                "model's vocabulary); the critic needs the actor to share the "
                                "reward model's tokenizer")
 
-    @torch.no_grad()
     def values(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """float32 [B, S] per-token values; positions at or after a sequence's length are 0."""
+        self._check_ids(tokens)
+        return self.collective.run("critic_values", np.asarray(tokens), np.asarray(lengths))
+
+    @torch.no_grad()
+    def _values(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         from megatron_polar.training.parallel import compute_device
 
-        self._check_ids(tokens)
         device = compute_device()
         t = torch.as_tensor(tokens, dtype=torch.long, device=device)
         pos = torch.arange(t.shape[1], device=device).expand_as(t).contiguous()
-        with self.lock, cpu_backend_thread():
-            self.model.eval()
-            try:
-                scores = self.model(t, pos, None)[..., 0].float()
-            finally:
-                self.model.train()
+        self.model.eval()
+        try:
+            scores = self.model(t, pos, None)[..., 0].float()
+        finally:
+            self.model.train()
         valid = torch.arange(t.shape[1], device=device)[None, :] < torch.as_tensor(
             lengths, device=device).reshape(-1, 1)
         return (scores * valid).cpu().numpy().astype(np.float32)
@@ -165,6 +169,10 @@ class CriticService:
     def train(self, tokens, returns, prev_values, mask) -> float:
         """Optimizer steps over the rollout batch; the mean value loss of the steps."""
         self._check_train_batch(tokens, returns, prev_values, mask)
+        return self.collective.run("critic_train", *(np.asarray(a) for a in
+                                                     (tokens, returns, prev_values, mask)))
+
+    def _train(self, tokens, returns, prev_values, mask) -> float:
         from megatron_polar.training.step import _run_schedule, guarded_optimizer_step
 
         cfg = self.config
@@ -172,42 +180,42 @@ class CriticService:
         tokens_t = torch.as_tensor(tokens, dtype=torch.long)
         data = [tokens_t, as_t(returns), as_t(prev_values), as_t(mask)]
         losses = []
-        with self.lock, cpu_backend_thread():
-            for start in range(0, tokens_t.shape[0], cfg.global_batch_size):
-                part = [d[start:start + cfg.global_batch_size] for d in data]
-                micro = [_micro_batch(*(d[i:i + cfg.micro_batch_size] for d in part))
-                         for i in range(0, part[0].shape[0], cfg.micro_batch_size)]
-                micro = [m for m in micro if m.num_tokens > 0]
-                if not micro:
-                    continue
-                self.model.zero_grad_buffer()
-                self.optimizer.zero_grad()
-                outputs = _run_schedule(self.chunks, micro, forward_only=False, ctx=self.ctx,
-                                        forward_step=partial(_value_forward_step,
-                                                             clip=cfg.clip))
-                total = sum(float(o["loss_sum"]) for o in outputs)
-                count = sum(m.num_tokens for m in micro)
-                loss = total / count
-                ok, _ = guarded_optimizer_step(self.optimizer, np.isfinite(loss))
-                if ok:
-                    self.steps += 1
-                losses.append(loss)
+        for start in range(0, tokens_t.shape[0], cfg.global_batch_size):
+            part = [d[start:start + cfg.global_batch_size] for d in data]
+            micro = [_micro_batch(*(d[i:i + cfg.micro_batch_size] for d in part))
+                     for i in range(0, part[0].shape[0], cfg.micro_batch_size)]
+            micro = [m for m in micro if m.num_tokens > 0]
+            if not micro:
+                continue
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            outputs = _run_schedule(self.chunks, micro, forward_only=False, ctx=self.ctx,
+                                    forward_step=partial(_value_forward_step, clip=cfg.clip))
+            total = sum(float(o["loss_sum"]) for o in outputs)
+            count = sum(m.num_tokens for m in micro)
+            loss = total / count
+            ok, _ = guarded_optimizer_step(self.optimizer, bool(np.isfinite(loss)))
+            if ok:
+                self.steps += 1
+            losses.append(loss)
         return float(np.mean(losses))
 
     # -- saving ----------------------------------------------------------------------------------
 
     def save(self) -> str:
-        from megatron_polar.training.checkpointing import CheckpointWriter, training_state_dict
-
         if self.config.save_dir is None:
             raise RequestError("this critic has no --critic-save directory")
-        with self.lock, cpu_backend_thread():
-            if self._writer is None:
-                self._writer = CheckpointWriter(self.config.save_dir, describe=self.describe)
-            common = {"critic_steps": self.steps,
-                      "layout": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size}}
-            self._writer.save(self.steps, training_state_dict(self.chunks, self.optimizer,
-                                                              self.ctx, common=common))
+        return self.collective.run("critic_save")
+
+    def _save(self) -> str:
+        from megatron_polar.training.checkpointing import CheckpointWriter, training_state_dict
+
+        if self._writer is None:
+            self._writer = CheckpointWriter(self.config.save_dir)
+        common = {"critic_steps": self.steps,
+                  "layout": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size}}
+        self._writer.save(self.steps, training_state_dict(self.chunks, self.optimizer,
+                                                          self.ctx, common=common))
         return f"{self.config.save_dir}/iter_{self.steps:07d}"
 
 

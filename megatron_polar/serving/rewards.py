@@ -22,9 +22,9 @@ import numpy as np
 
 from megatron_polar.data.encoding import RecordError
 from megatron_polar.data.tokenizer import REWARD_SEPARATOR, REWARD_TOKEN
+from megatron_polar.serving.collective import Collective
 from megatron_polar.serving.postprocess import RewardPostprocessor
 from megatron_polar.serving.references import ReferenceTable, UnknownPrompt
-from megatron_polar.training.cpu_backend import cpu_backend_thread
 
 
 class RequestError(ValueError):
@@ -49,15 +49,16 @@ class PolarRewardService:
                  postprocess: Optional[RewardPostprocessor] = None,
                  unknown_prompt_reward: Optional[float] = None,
                  limits: RequestLimits = RequestLimits(),
-                 lock: Optional[threading.Lock] = None):
+                 collective: Optional[Collective] = None):
         self.scorer = scorer
         self.references = references
         self.postprocess = postprocess or RewardPostprocessor()
         self.unknown_prompt_reward = unknown_prompt_reward
         self.limits = limits
-        # One model call at a time, shared with the critic when there is one: the front ends
-        # (Triton's models, /pooling) call from their own threads.
-        self._lock = lock or threading.Lock()
+        # Model calls go through the collective: one at a time, on every rank of the model.
+        self.collective = collective or Collective()
+        self.collective.register("rm_score", scorer.score_ids)
+        self._count_lock = threading.Lock()
         self.sequences_scored = 0
         self.tokens_scored = 0
 
@@ -174,8 +175,8 @@ class PolarRewardService:
         known = [s for s in seqs if s is not None]
         raw = np.zeros(0, dtype=np.float64)
         if known:
-            with self._lock, cpu_backend_thread():
-                raw = np.asarray(self.scorer.score_ids(known), dtype=np.float64)
+            raw = np.asarray(self.collective.run("rm_score", known), dtype=np.float64)
+            with self._count_lock:
                 self.sequences_scored += len(known)
                 self.tokens_scored += sum(map(len, known))
         processed = iter(self.postprocess(raw)) if known else iter(())

@@ -1,5 +1,8 @@
 """Assembling the server from the CLI flags: model, references, critic, front ends.
 
+Under torchrun (TP/PP) every rank builds the models; rank 0 alone runs the front ends and
+the others follow its model operations (collective.py).
+
 `RewardServer` is a context manager that starts PyTriton (NeMo-Aligner's models) and the
 /pooling HTTP server in the background and stops both on exit; tests and benchmarks use it
 in-process, `python -m megatron_polar.serving` around a wait for SIGTERM.
@@ -7,8 +10,6 @@ in-process, `python -m megatron_polar.serving` around a wait for SIGTERM.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import replace
 from typing import Optional
 
 from megatron_polar.serving.triton_models import TritonSettings
@@ -27,7 +28,18 @@ class RewardServer:
         self._triton = None
         self._pooling = None
 
+    @property
+    def is_front(self) -> bool:
+        """Rank 0 serves; the other ranks of a TP/PP model follow its operations."""
+        return self.service.collective.rank == 0
+
+    def follow(self) -> None:
+        """On ranks > 0: run the model operations rank 0 broadcasts, until it stops."""
+        self.service.collective.follow()
+
     def __enter__(self) -> "RewardServer":
+        if not self.is_front:
+            return self
         from megatron_polar.serving.pooling import PoolingServer
         from megatron_polar.serving.triton_models import (bind_critic, bind_reward_model,
                                                           prefer_own_libpython, triton_config)
@@ -52,6 +64,8 @@ class RewardServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self.is_front:
+            return
         if self._triton is not None:
             self._triton.stop()
             self._triton = None
@@ -59,6 +73,7 @@ class RewardServer:
             self._pooling.shutdown()
             self._pooling.server_close()
             self._pooling = None
+        self.service.collective.stop()
 
     def describe(self) -> dict:
         models = []
@@ -66,7 +81,9 @@ class RewardServer:
             models.append(self.settings.reward_model_name)
             if self.critic is not None:
                 models += ["critic_infer", "critic_train", "critic_save"]
-        return {"host": self.settings.host, "triton_http_port": self.settings.http_port,
+        import os
+
+        return {"pid": os.getpid(), "host": self.settings.host, "triton_http_port": self.settings.http_port,
                 "triton_models": models,
                 "pooling_port": self.pooling_port or None,
                 "references": len(self.service.references or ())}
@@ -74,18 +91,15 @@ class RewardServer:
 
 def build_server(args) -> RewardServer:
     """Load everything the flags name; ServerError for anything a user can fix."""
-    import os
-
     from megatron_polar.data.encoding import EncodingConfig, RecordError
     from megatron_polar.eval.scorer import RewardScorer, ScorerError, open_source
     from megatron_polar.serving.postprocess import PostprocessConfig, RewardPostprocessor
     from megatron_polar.serving.references import (ActorTokenizer, ReferenceTable,
                                                    optional_int_list)
+    from megatron_polar.serving.collective import Collective
     from megatron_polar.serving.rewards import PolarRewardService, RequestLimits
     from megatron_polar.training.arguments import run_config_from_args
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ServerError("the server runs in one process (TP=PP=1); start it without torchrun")
     if args.critic and args.references is None:
         raise ServerError("--critic serves NeMo-Aligner, whose requests need --references")
     try:
@@ -94,7 +108,6 @@ def build_server(args) -> RewardServer:
         encoding = EncodingConfig(args.max_length, args.max_response_length)
     except ValueError as e:
         raise ServerError(str(e)) from None
-    lock = threading.Lock()
     try:
         with open_source(checkpoint=args.checkpoint, hf=args.hf, tokenizer=args.tokenizer,
                          model_preset=args.model_preset) as source:
@@ -106,20 +119,21 @@ def build_server(args) -> RewardServer:
             run = run_config_from_args(args, source.preset.num_layers)
             scorer = RewardScorer.load(source, run, encoding=encoding,
                                        micro_batch_tokens=args.micro_batch_tokens)
-            critic = None
-            if args.critic:
-                critic = _build_critic(args, source, run, lock)
+            # Built after the model: megatron's process groups exist by then.
+            collective = Collective()
+            critic = _build_critic(args, source, run, collective) if args.critic else None
     except (ScorerError, RecordError, FileNotFoundError, ValueError) as e:
         raise ServerError(str(e)) from None
     service = PolarRewardService(
         scorer, references, post, args.unknown_prompt_reward,
-        RequestLimits(args.max_batch_size, args.max_request_tokens, args.max_body_bytes), lock)
+        RequestLimits(args.max_batch_size, args.max_request_tokens, args.max_body_bytes),
+        collective)
     settings = TritonSettings(args.host, args.port, args.grpc_port, args.metrics_port,
                               args.model_name, args.max_batch_size, args.max_queue_delay_us)
     return RewardServer(service, settings, critic, args.pooling_port)
 
 
-def _build_critic(args, source, run, lock):
+def _build_critic(args, source, run, collective):
     from megatron_polar.serving.critic import CriticConfig, CriticService
 
     config = CriticConfig(lr=args.critic_lr, clip=args.critic_loss_clip,
@@ -127,6 +141,5 @@ def _build_critic(args, source, run, lock):
                           global_batch_size=args.critic_global_batch_size,
                           micro_batch_size=args.critic_micro_batch_size,
                           save_dir=args.critic_save, max_tokens=args.max_request_tokens)
-    # The critic is a second model beside the reward model: its own seed stream is irrelevant
-    # (its weights are loaded), but its layout is the reward model's.
-    return CriticService.build(source, replace(run), config, lock=lock, load=args.critic_load)
+    # A second model beside the reward model, at the same layout; its weights are loaded.
+    return CriticService.build(source, run, config, collective=collective, load=args.critic_load)
