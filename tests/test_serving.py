@@ -154,7 +154,13 @@ def test_nemo_aligner_client_rewards_equal_offline_scoring(served, communicator)
         "model": "polar", "input": [_polar_string(served, i, r) for i, r in PAIRS]})
     assert status == 200, body
     assert [d["index"] for d in body["data"]] == list(range(len(PAIRS)))
-    np.testing.assert_allclose([d["data"] for d in body["data"]], expected, atol=1e-5)
+    # Parsed as POLAR's client parses an lmdeploy answer (server_type "lmdeploy") ...
+    np.testing.assert_allclose([e["data"] for e in body["data"]], expected, atol=1e-5)
+    # ... and as it parses sglang's (its default server_type) from /classify.
+    status, body = post(served["pooling"] + "/classify", {
+        "model": "POLAR-7B", "text": [_polar_string(served, i, r) for i, r in PAIRS]})
+    assert status == 200, body
+    np.testing.assert_allclose([e["embedding"][0] for e in body], expected, atol=1e-5)
 
 
 def _polar_string(served, i, resp):
@@ -165,7 +171,9 @@ def _polar_string(served, i, resp):
     p = REFS[i]["prompt"]
     p = "\n".join(m["content"] for m in p) if isinstance(p, list) else p
     ref = REFS[i]["reference"]
-    return p + "\n" + ref + "<|reward|>" + p + ("\n" if cand else "") + cand
+    # As POLAR's RewardModelClient._encode ends it: the reward token written as text.
+    return (p + "\n" + ref + "<|reward|>" + p + ("\n" if cand else "") + cand
+            + "[UNUSED_TOKEN_130]")
 
 
 def test_critic_infer_train_save(served, communicator):

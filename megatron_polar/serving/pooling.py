@@ -1,17 +1,23 @@
-"""`POST /pooling`: the HTTP format POLAR's own client speaks to an lmdeploy server.
+"""`POST /pooling` (and `/classify`): the HTTP formats POLAR's own client speaks.
 
 Request:  {"model": "...", "input": [polar_string, ...]}   ("input" may also be one string)
 Response: {"object": "list", "model": ..., "data": [{"index": i, "object": "pooling",
            "data": reward}, ...], "usage": {"prompt_tokens": n, "total_tokens": n,
            "completion_tokens": 0}}
 
-Each input is a full POLAR string (`p SEP ref <|reward|> p SEP cand`, POLAR-SPEC.md), as the
-client builds it; rewards come back in input order. Errors answer with an HTTP status and
-{"error": {"message": ..., "type": ..., "code": status}} (OpenAI-style, as lmdeploy answers).
+Each input is a full POLAR string (`p SEP ref <|reward|> p SEP cand [UNUSED_TOKEN_130]`,
+POLAR-SPEC.md), as POLAR's `RewardModelClient` builds it; rewards come back in input order,
+and the client (server_type "lmdeploy") reads `[e["data"] for e in response["data"]]`.
+
+The same client's default server_type "sglang" posts {"model": ..., "text": [...]} to
+`/classify` and reads `[e["embedding"][0] for e in response]`: served too, by the same model.
+
+Errors answer with an HTTP status and {"error": {"message": ..., "type": ..., "code":
+status}} (OpenAI-style, as lmdeploy answers).
 Also `GET /health` (server statistics) and `GET /v1/models`.
 
 A standard-library threading HTTP server: requests are parsed concurrently, the model runs one
-batch at a time (the service's lock). Bodies above the service's `max_text_bytes` are refused
+batch at a time (the service's collective). Bodies above the service's `max_text_bytes` are refused
 with 413 before they are read.
 """
 
@@ -71,9 +77,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
 
     def do_POST(self):
-        if self.path.rstrip("/") not in ("/pooling", "/v1/pooling"):
+        route = self.path.rstrip("/")
+        if route not in ("/pooling", "/v1/pooling", "/classify"):
             self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}; POST /pooling")
             return
+        field = "text" if route == "/classify" else "input"
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
@@ -88,9 +96,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             body = json.loads(self.rfile.read(length))
-            if not isinstance(body, dict) or "input" not in body:
-                raise RequestError("expected a JSON object with 'input'")
-            texts = body["input"]
+            if not isinstance(body, dict) or field not in body:
+                raise RequestError(f"expected a JSON object with '{field}'")
+            texts = body[field]
             if isinstance(texts, str):
                 texts = [texts]
             rewards, tokens = self.server.service.score_texts(texts)
@@ -102,6 +110,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         except Exception as e:  # the server's fault; it keeps serving
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
+            return
+        if route == "/classify":  # sglang's answer: one object per input
+            self._reply(200, [{"index": i, "embedding": [float(r)], "meta_info": {}}
+                              for i, r in enumerate(rewards)])
             return
         self._reply(200, {
             "id": f"pooling-{time.time_ns()}", "object": "list", "created": int(time.time()),
