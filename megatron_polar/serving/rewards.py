@@ -34,7 +34,7 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class RequestLimits:
     max_batch_size: int = 256  # sequences in one request
-    max_request_tokens: int = 4 * 1024 * 1024  # B x S of one token request / tokens of one text batch
+    max_request_tokens: int = 4 * 1024 * 1024  # B x S of a token request; tokens of a text one
     max_text_bytes: int = 8 * 1024 * 1024  # one /pooling body
 
 
@@ -62,7 +62,7 @@ class PolarRewardService:
         self.sequences_scored = 0
         self.tokens_scored = 0
 
-    # -- token requests (NeMo-Aligner) ------------------------------------------------------------
+    # -- token requests (NeMo-Aligner) -------------------------------------------------------
 
     def check_token_batch(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray,
                                                                                  np.ndarray]:
@@ -128,7 +128,7 @@ class PolarRewardService:
         """float32 [B] rewards of right-padded rollouts (NeMo-Aligner's `tokens`, lengths)."""
         return self._score(self.encode_tokens(tokens, lengths))
 
-    # -- POLAR strings (/pooling) -------------------------------------------------------------------
+    # -- POLAR strings (/pooling) ------------------------------------------------------------
 
     def encode_text(self, text: str, index: int = 0) -> list[int]:
         """Ids of one full POLAR string `p SEP ref <|reward|> p SEP cand` (POLAR's client's
@@ -169,7 +169,7 @@ class PolarRewardService:
                                f"limit of {self.limits.max_request_tokens}")
         return self._score(seqs), sum(map(len, seqs))
 
-    # -- the model ------------------------------------------------------------------------------------
+    # -- the model ---------------------------------------------------------------------------
 
     def _score(self, seqs: list[Optional[list[int]]]) -> np.ndarray:
         known = [s for s in seqs if s is not None]

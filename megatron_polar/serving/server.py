@@ -10,6 +10,7 @@ in-process, `python -m megatron_polar.serving` around a wait for SIGTERM.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from megatron_polar.serving.triton_models import TritonSettings
@@ -81,9 +82,8 @@ class RewardServer:
             models.append(self.settings.reward_model_name)
             if self.critic is not None:
                 models += ["critic_infer", "critic_train", "critic_save"]
-        import os
-
-        return {"pid": os.getpid(), "host": self.settings.host, "triton_http_port": self.settings.http_port,
+        return {"pid": os.getpid(), "host": self.settings.host,
+                "triton_http_port": self.settings.http_port,
                 "triton_models": models,
                 "pooling_port": self.pooling_port or None,
                 "references": len(self.service.references or ())}
