@@ -435,3 +435,28 @@ def test_cli_tp2_under_torchrun_serves_on_localhost_and_stops_on_sigterm(served,
         # releases rank 1; both exit 0, and so does torchrun.
         os.kill(ready["pid"] if ready else proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=90) == 0, (tmp_path / "log").read_text()[-3000:]
+
+
+def test_token_path_truncates_as_offline_scoring(served):
+    """An over-long rollout follows POLAR's truncation rules, exactly as offline scoring does."""
+    import copy
+
+    from megatron_polar.data.encoding import EncodingConfig, TripletEncoder
+    from megatron_polar.eval.scorer import ScoreRecord
+    from megatron_polar.serving.rewards import PolarRewardService
+
+    base = served["server"].service
+    scorer = copy.copy(base.scorer)
+    scorer.encoder = TripletEncoder(base.scorer.encoder.tok, EncodingConfig(48, 12))
+    service = PolarRewardService(scorer, base.references)
+    long_response = " the cat sat on a mat while policy models write answers about math" * 3
+    tokens, lengths = rollouts(served["tok"], [(1, long_response), (2, RESPONSES[1])])
+    got = service.rewards_for_tokens(tokens, lengths)
+    actor = base.references.tokenizer
+    records = [ScoreRecord(REFS[i]["prompt"], REFS[i]["reference"],
+                           actor.response_text(tokens[k, len(actor.prompt_ids(REFS[i]["text"])):
+                                                      lengths[k, 0]]))
+               for k, i in enumerate((1, 2))]
+    ids = [scorer.encode(r) for r in records]
+    assert max(map(len, ids)) <= 48 and len(ids[0]) < lengths[0, 0]  # it was cut
+    np.testing.assert_allclose(got, scorer.score(records), atol=1e-6)
