@@ -341,3 +341,51 @@ def test_launch_command_parses_with_the_trainer(name):
     assert args.global_batch_size == config_value(cfg, "global-batch-size")
     assert args.tensor_model_parallel_size == config_value(cfg, "tensor-model-parallel-size", 1)
     assert args.pretrained_checkpoint and args.save == args.load
+
+
+PPO = "slurm/ppo_nemo_aligner.sh"
+PPO_ENV = dict(POLAR_MODEL="/models/polar", PROMPT_DIR="/data/prompts",
+               ACTOR_CHECKPOINT="/models/actor.nemo", NEMO_ALIGNER_DIR="/opt/NeMo-Aligner",
+               RESULTS="/results/ppo", DRY_RUN="1")
+
+
+def test_ppo_heterogeneous_job_lint_and_dry_run():
+    """The PPO launcher: a hetjob (server node + actor nodes), linted, and its dry-run commands
+    parse: the server's with our server's own parser (config file included), the actor's
+    carrying the overrides and the server's address."""
+    import shlex
+
+    from megatron_polar.serving.__main__ import parse_args
+
+    subprocess.run(["bash", "-n", PPO], cwd=REPO, check=True, timeout=30)
+    exe = shutil.which("shellcheck")
+    assert exe, "shellcheck is not installed (apt-get install shellcheck)"
+    lint = subprocess.run([exe, "-x", PPO], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout
+    assert "#SBATCH hetjob" in (REPO / PPO).read_text()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    proc = subprocess.run(["bash", PPO], cwd=REPO, env={**env, **PPO_ENV}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("layout: component 0") and "component 1 = 8 actor nodes" in lines[0]
+    server = shlex.split(next(x for x in lines if x.startswith("component 0: "))[13:])
+    actor = shlex.split(next(x for x in lines if x.startswith("component 1: "))[13:])
+    args = parse_args(server[server.index("megatron_polar.serving") + 1:])
+    assert args.critic and args.references == "/data/prompts/references.jsonl"
+    assert args.checkpoint == "/models/polar" and args.host == "0.0.0.0" and args.port == 5567
+    assert args.critic_lr == 1e-5 and args.reward_normalization == "none"
+    assert actor[1].endswith("train_gpt_ppo_actor.py")
+    assert actor[actor.index("--config-name") + 1] == "ppo_actor_polar"
+    assert "remote_critic_rm.critic.ip=CRITIC_HOST" in actor
+    assert "remote_critic_rm.critic.port=5567" in actor
+    actor_cfg = yaml.safe_load((REPO / "examples/rlhf/nemo_aligner/ppo_actor_polar.yaml")
+                               .read_text())
+    assert actor_cfg["remote_critic_rm"]["combine_rm_and_critic_server"] is True
+    assert actor_cfg["model"]["optim"]["lr"] == 1e-6
+    assert actor_cfg["model"]["ppo"]["num_rollout_samples"] == 1024
+
+    missing = subprocess.run(["bash", PPO], cwd=REPO, env={**env, **PPO_ENV, "DRY_RUN": "0"},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "make_rlhf_prompts" in missing.stderr

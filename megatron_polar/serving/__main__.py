@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m megatron_polar.serving",
                                 description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--config", default=None,
+                   help="YAML file of flag values (flag names without dashes); flags given on "
+                        "the command line win (examples/rlhf/nemo_aligner/)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="megatron checkpoint: run dir, iter_N dir or weights")
     src.add_argument("--hf", help="HF InternLM2ForRewardModel directory (e.g. an export)")
     p.add_argument("--tokenizer", default=None,
@@ -90,8 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    from megatron_polar.training.arguments import _yaml_defaults
+
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**_yaml_defaults(first.config, parser))
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.hf is None):
+        parser.error("give the model: exactly one of --checkpoint or --hf")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from megatron_polar.serving.server import ServerError, build_server
 
     try:

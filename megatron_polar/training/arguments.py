@@ -184,7 +184,7 @@ def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest not in known or dest == "config":
-            raise SystemExit(f"--config {path}: unknown key {key!r} (keys are the trainer's "
+            raise SystemExit(f"--config {path}: unknown key {key!r} (keys are the tool's "
                              "flag names without the leading dashes)")
         values[dest] = value
     return values
