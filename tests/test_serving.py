@@ -343,6 +343,23 @@ def test_reference_table_longest_prompt_wins_and_conflicts_are_errors(tmp_path):
         ReferenceTable.from_file(refs, actor)
 
 
+def test_actor_tokenizer_from_an_hf_directory_takes_its_declared_eos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from megatron_polar.serving.references import ActorTokenizer
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<|im_end|>", "</s>", "hello", "world"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|im_end|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    actor = ActorTokenizer(tmp_path)
+    assert actor.eos_ids == {1} and actor.text_to_ids("hello world") == [3, 4]
+    assert actor.response_text([3, 4, 1]) == actor.response_text([3, 4]) == "hello world"
+    assert ActorTokenizer(tmp_path, eos_ids=[2]).eos_ids == {2}
+
+
 def test_reward_postprocessing():
     from megatron_polar.serving.postprocess import PostprocessConfig, RewardPostprocessor
 

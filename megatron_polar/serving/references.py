@@ -69,14 +69,15 @@ class ActorTokenizer:
             from tokenizers import Tokenizer
 
             self._hf = Tokenizer.from_file(str(self.path / "tokenizer.json"))
-            eos = [i for i in (self._hf.token_to_id("</s>"),) if i is not None]
+            eos = [self._hf.token_to_id(t) for t in _hf_eos_tokens(self.path)]
         else:
             raise FileNotFoundError(f"actor tokenizer {self.path}: expected a sentencepiece "
                                     ".model file or a directory with tokenizer.model or "
                                     "tokenizer.json")
         # Ids that end a rollout (the actor's EOS); cut from the end of a response before it
         # is decoded, as the reward model never saw them in training text.
-        self.eos_ids = frozenset(int(i) for i in (list(eos_ids) or eos) if i is not None and i >= 0)
+        chosen = list(eos_ids) or eos
+        self.eos_ids = frozenset(int(i) for i in chosen if i is not None and i >= 0)
 
     def text_to_ids(self, text: str) -> list[int]:
         if self._sp is not None:
@@ -95,6 +96,18 @@ class ActorTokenizer:
         if self._sp is not None:
             return self._sp.decode_ids(ids)
         return self._hf.decode(ids, skip_special_tokens=True)
+
+
+def _hf_eos_tokens(directory: Path) -> list[str]:
+    """The EOS token(s) an HF tokenizer directory declares (tokenizer_config.json's
+    `eos_token`, a string or an AddedToken dict), else Llama's "</s>"."""
+    import json
+
+    config = directory / "tokenizer_config.json"
+    eos = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return [eos] if isinstance(eos, str) and eos else ["</s>"]
 
 
 @dataclass(frozen=True)
