@@ -26,11 +26,13 @@ setup(
         # `make demo`: tiny policies (transformers), their tokenizer, progress bars, the plot
         "demo": ["transformers", "tokenizers", "tqdm", "matplotlib"],
         # `python -m megatron_polar.serving` (PyTriton for NeMo-Aligner; /pooling needs nothing)
-        "serve": ["nvidia-pytriton"],
+        # (0.7.0 or newer: pip otherwise keeps numpy 2 and picks 0.5.7, whose int64 batches
+        # reached the server garbled in our tests)
+        "serve": ["nvidia-pytriton>=0.7.0"],
         # tests/test_serving.py: NeMo-Aligner's own client class. nemo-aligner itself must be
         # installed with --no-deps (its dependencies are the training stack), which an extra
         # cannot say: `make test` runs `pip install --no-deps nemo-aligner==0.7.0` after this.
-        "rlhf-test": ["nvidia-pytriton", "nemo_toolkit==2.1.0"],
+        "rlhf-test": ["nvidia-pytriton>=0.7.0", "nemo_toolkit==2.1.0"],
         # NGC PyTorch containers ship both; listed for bare-metal GPU installs.
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_polar.data.encoding import EncodingConfig, RecordError, TripletEncoder
 from megatron_polar.data.tokenizer import PolarTokenizer
-from tests.tokenizer_fixture import make_sentencepiece
+from tests.tokenizer_fixture import make_sentencepiece, sentencepiece_model_pb2
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +319,7 @@ def test_hf_tokenizer_does_not_round_trip(tmp_path):
 
 def _variants(model: bytes):
     """The model as is, and with the fields that matter set explicitly either way."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    pb = sentencepiece_model_pb2()
 
     yield "as trained", model
     edits = {
@@ -342,7 +342,7 @@ def _variants(model: bytes):
 
 
 def test_proto_reader_agrees_with_protobuf(tok, tok_nfkc, tok_no_dummy):
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    pb = sentencepiece_model_pb2()
 
     from megatron_polar.data.tokenizer import sentencepiece_spec, spec_round_trips
 
@@ -371,7 +371,7 @@ def test_proto_reader_agrees_with_protobuf(tok, tok_nfkc, tok_no_dummy):
 
 
 def test_proto_field_numbers_match_sentencepiece():
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    pb = sentencepiece_model_pb2()
 
     def numbers(message):
         return {f.name: f.number for f in message.DESCRIPTOR.fields}
@@ -389,7 +389,7 @@ def test_proto_field_numbers_match_sentencepiece():
 
 
 def test_tokenizer_without_space_piece_or_with_bad_proto_does_not_round_trip(tok, tmp_path):
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    pb = sentencepiece_model_pb2()
 
     m = pb.ModelProto.FromString(tok.path.read_bytes())
     for piece in m.pieces:
