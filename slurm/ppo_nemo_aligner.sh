@@ -15,7 +15,9 @@
 # NEMO_ALIGNER_DIR (a NeMo-Aligner v0.7.0 checkout), RESULTS (required); ACTOR_TOKENIZER
 # (default: the reward model's), SERVER_PORT (5567), SERVER_TP (GPUs of the server, default 1;
 # more needs a megatron checkpoint), EXTRA_SERVER_ARGS, EXTRA_ACTOR_ARGS (split on spaces),
-# PYTHON (python3), REPO (the submit directory). DRY_RUN=1 prints the layout and both commands.
+# PYTHON (python3), REPO (the submit directory), ACTOR_NODES and ACTOR_GPUS_PER_NODE (8 and 8:
+# what DRY_RUN shows; under Slurm the allocation of component 1 decides, so change the
+# #SBATCH lines below to change it). DRY_RUN=1 prints the layout and both commands.
 #
 #SBATCH --job-name=polar-ppo
 #SBATCH --nodes=1
@@ -55,20 +57,28 @@ if [[ -n ${SLURM_JOB_NODELIST_HET_GROUP_0:-} ]]; then
 else
     critic_host=CRITIC_HOST  # outside Slurm (DRY_RUN): a placeholder
 fi
-actor_nodes=${SLURM_JOB_NUM_NODES_HET_GROUP_1:-8}
-actor_gpus=${SLURM_GPUS_PER_NODE_HET_GROUP_1:-8}
+actor_nodes=${SLURM_JOB_NUM_NODES_HET_GROUP_1:-${ACTOR_NODES:-8}}
+actor_gpus=${SLURM_GPUS_PER_NODE_HET_GROUP_1:-${ACTOR_GPUS_PER_NODE:-8}}
+# The actors' own rendezvous: Lightning takes MASTER_ADDR if set, else the first host of
+# SLURM_NODELIST, which in a heterogeneous job may be the server's node; name it explicitly.
+if [[ -n ${SLURM_JOB_NODELIST_HET_GROUP_1:-} ]]; then
+    actor_master=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1" | head -n 1)
+else
+    actor_master=ACTOR_HOST  # outside Slurm (DRY_RUN): a placeholder
+fi
 
 read -ra extra_server <<< "${EXTRA_SERVER_ARGS:-}"
 read -ra extra_actor <<< "${EXTRA_ACTOR_ARGS:-}"
 tokenizer_arg=()
 [[ -n ${ACTOR_TOKENIZER:-} ]] && tokenizer_arg=(--actor-tokenizer "$ACTOR_TOKENIZER")
 # --host 0.0.0.0: the actors run on other nodes, so the server must listen beyond localhost
-# (its default); keep the cluster network private.
+# (its default, kept everywhere else); it has no authentication, so keep the cluster network
+# private. --critic is in the config file too; repeated here so the command says what it runs.
 server_cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$SERVER_TP"
             -m megatron_polar.serving --config "$EXAMPLES/polar_critic_server.yaml"
             "${model_arg[@]}" --tensor-model-parallel-size "$SERVER_TP"
             --references "$PROMPT_DIR/references.jsonl" "${tokenizer_arg[@]}"
-            --host 0.0.0.0 --port "$SERVER_PORT" --critic-save "$RESULTS/critic"
+            --host 0.0.0.0 --port "$SERVER_PORT" --critic --critic-save "$RESULTS/critic"
             "${extra_server[@]}")
 data_prefix="{train: [$PROMPT_DIR/train.jsonl], validation: [$PROMPT_DIR/validation.jsonl],"
 data_prefix+=" test: [$PROMPT_DIR/validation.jsonl]}"
@@ -79,6 +89,8 @@ actor_cmd=("$PYTHON" "$NEMO_ALIGNER_DIR/examples/nlp/gpt/train_gpt_ppo_actor.py"
            "pretrained_checkpoint.restore_from_path=$ACTOR_CHECKPOINT"
            "model.data.data_prefix=$data_prefix"
            "remote_critic_rm.critic.ip=$critic_host" "remote_critic_rm.critic.port=$SERVER_PORT"
+           "remote_critic_rm.reward_model.ip=$critic_host"
+           "remote_critic_rm.reward_model.port=$SERVER_PORT"
            "exp_manager.explicit_log_dir=$RESULTS/actor" "${extra_actor[@]}")
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
@@ -86,6 +98,7 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
         "component 1 = $actor_nodes actor nodes x $actor_gpus GPUs"
     printf 'component 0: '; printf '%q ' "${server_cmd[@]}"; echo
     printf 'component 1: '; printf '%q ' "${actor_cmd[@]}"; echo
+    echo "component 1 environment: MASTER_ADDR=$actor_master"
     exit 0
 fi
 
@@ -95,7 +108,7 @@ srun --het-group=0 --ntasks=1 --gpus-per-task="$SERVER_TP" "${server_cmd[@]}" &
 server=$!
 # NeMo-Aligner's client waits for the server (init_timeout_s), so the actors can start now.
 status=0
-srun --het-group=1 "${actor_cmd[@]}" || status=$?
+MASTER_ADDR=$actor_master srun --het-group=1 "${actor_cmd[@]}" || status=$?
 kill -TERM "$server" 2> /dev/null || true
 wait "$server" || true
 exit "$status"

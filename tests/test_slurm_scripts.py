@@ -389,3 +389,39 @@ def test_ppo_heterogeneous_job_lint_and_dry_run():
     missing = subprocess.run(["bash", PPO], cwd=REPO, env={**env, **PPO_ENV, "DRY_RUN": "0"},
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "make_rlhf_prompts" in missing.stderr
+
+
+def test_ppo_dry_run_wires_actors_to_the_server():
+    """DRY_RUN names both components; the server command carries --critic and --references,
+    the actor command the overrides, the server's address for both the critic and the reward
+    model, and its own rendezvous host; the node count follows ACTOR_NODES outside Slurm."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    subprocess.run(["bash", "-n", PPO], cwd=REPO, check=True, timeout=30)
+    proc = subprocess.run(["bash", PPO], cwd=REPO, env={**env, **PPO_ENV, "ACTOR_NODES": "3"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "component 0 = 1 node" in lines[0] and "component 1 = 3 actor nodes" in lines[0]
+    server = shlex.split(next(x for x in lines if x.startswith("component 0: "))[13:])
+    actor = shlex.split(next(x for x in lines if x.startswith("component 1: "))[13:])
+    assert "--critic" in server and server[server.index("--references") + 1] == (
+        "/data/prompts/references.jsonl")
+    assert server[server.index("--host") + 1] == "0.0.0.0"
+    examples = REPO / "examples/rlhf/nemo_aligner"
+    assert actor[actor.index("--config-path") + 1] == str(examples)
+    assert (examples / (actor[actor.index("--config-name") + 1] + ".yaml")).is_file()
+    overrides = dict(a.split("=", 1) for a in actor if "=" in a and not a.startswith("-"))
+    assert overrides["trainer.num_nodes"] == "3"
+    assert overrides["hydra.searchpath"] == "[file:///opt/NeMo-Aligner/examples/nlp/gpt/conf]"
+    port = str(yaml.safe_load((examples / "polar_critic_server.yaml").read_text())["port"])
+    for model in ("critic", "reward_model"):
+        assert overrides[f"remote_critic_rm.{model}.ip"] == "CRITIC_HOST"
+        assert overrides[f"remote_critic_rm.{model}.port"] == port
+    assert overrides["model.data.data_prefix"] == (
+        "{train: [/data/prompts/train.jsonl], validation: [/data/prompts/validation.jsonl],"
+        " test: [/data/prompts/validation.jsonl]}")
+    assert "component 1 environment: MASTER_ADDR=ACTOR_HOST" in lines
+    cfg = yaml.safe_load((examples / "ppo_actor_polar.yaml").read_text())["remote_critic_rm"]
+    assert cfg["critic"]["port"] == cfg["reward_model"]["port"] == int(port)
+    assert cfg["critic"]["name"] == {"train": "critic_train", "infer": "critic_infer",
+                                     "save": "critic_save"}

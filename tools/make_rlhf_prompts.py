@@ -3,7 +3,9 @@
 reference file (docs/rlhf.md).
 
     python tools/make_rlhf_prompts.py --input 'rlhf/*.jsonl' --output-dir prompts \\
-        [--prompt-template 'User: {prompt}\\nAssistant:' | --chat-template-from ACTOR_HF_DIR]
+        [--prompt-template $'User: {prompt}\\nAssistant:' | --chat-template-from ACTOR_HF_DIR]
+
+The template is taken literally: bash's $'...' quoting gives it real newlines.
 """
 
 import argparse
@@ -21,10 +23,12 @@ def main(argv=None) -> int:
     p.add_argument("--output-dir", required=True)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--prompt-template", default="{prompt}",
-                     help="the actor's text, with {prompt} for the prompt's plain text")
+                     help="the actor's text, with {prompt} for the prompt's plain text "
+                     "(literal: use bash's $'...' for newlines)")
     fmt.add_argument("--chat-template-from", default=None,
                      help="HF tokenizer directory whose chat template formats the prompt")
-    p.add_argument("--validation-fraction", type=float, default=0.01)
+    p.add_argument("--validation-fraction", type=float, default=0.01,
+                   help="share of prompts for validation.jsonl, in (0, 1); at least one")
     p.add_argument("--seed", type=int, default=1234, help="validation split seed")
     p.add_argument("--reject-file", default=None, help="default: OUTPUT_DIR/rejects.jsonl")
     args = p.parse_args(argv)
@@ -43,8 +47,13 @@ def main(argv=None) -> int:
     print(json.dumps(summary.as_dict()))
     for r in summary.rejects[:5]:
         print(f"rejected {r['where']}: {r['reason']}", file=sys.stderr)
+    if summary.rejected > 5:
+        print(f"... {summary.rejected - 5} more in the reject file", file=sys.stderr)
+    for w in summary.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if not summary.written:
-        print("error: no prompt written", file=sys.stderr)
+        print(f"error: no prompt written: none of the {summary.read} non-blank input lines "
+              "was usable (reasons in the reject file)", file=sys.stderr)
         return 2
     return 0
 

@@ -12,8 +12,9 @@ and the client (server_type "lmdeploy") reads `[e["data"] for e in response["dat
 The same client's default server_type "sglang" posts {"model": ..., "text": [...]} to
 `/classify` and reads `[e["embedding"][0] for e in response]`: served too, by the same model.
 
-Errors answer with an HTTP status and {"error": {"message": ..., "type": ..., "code":
-status}} (OpenAI-style, as lmdeploy answers).
+Errors answer with an HTTP status and lmdeploy's error body, {"object": "error", "message":
+..., "type": "invalid_request_error", "param": null, "code": status}. (POLAR's client checks
+no status: it retries 8 times when the body has no "data", then gives None.)
 Also `GET /health` (server statistics) and `GET /v1/models`.
 
 A standard-library threading HTTP server: requests are parsed concurrently, the model runs one
@@ -64,8 +65,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, status: HTTPStatus, message: str) -> None:
-        self._reply(status, {"error": {"message": message, "type": status.phrase,
-                                       "code": int(status)}})
+        kind = "invalid_request_error" if status < 500 else "internal_server_error"
+        self._reply(status, {"object": "error", "message": message, "type": kind,
+                             "param": None, "code": int(status)})
 
     def do_GET(self):
         if self.path == "/health":
