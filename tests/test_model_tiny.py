@@ -150,17 +150,36 @@ def test_flex_document_mask_equals_dense_block_mask():
     assert torch.allclose(out, dense, atol=1e-5)
 
 
-def test_bf16_model_keeps_an_fp32_head_and_trains(ctx1):
+def test_bf16_model_scores_in_fp32_without_an_lm_head_and_trains(ctx1, monkeypatch):
+    from megatron.core import tensor_parallel
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_polar.training.step import build_optimizer, train_step
 
+    built = []
+    real_init = tensor_parallel.ColumnParallelLinear.__init__
+
+    def counting_init(self, input_size, output_size, *args, **kwargs):
+        built.append(output_size)
+        real_init(self, input_size, output_size, *args, **kwargs)
+
+    monkeypatch.setattr(tensor_parallel.ColumnParallelLinear, "__init__", counting_init)
     preset = get_preset("tiny")
     run = ModelRunConfig(bf16=True)
     chunks = build_model_chunks(preset, run, ctx1)
     model = unwrap(chunks[0])
-    assert model.output_layer.weight.dtype == torch.float32
+    # The vocab-sized LM head is never built: the only vocab-sized tensor is the embedding.
+    assert preset.vocab_size not in built
+    assert [n for n, p in model.named_parameters() if preset.vocab_size in p.shape] == [
+        "embedding.word_embeddings.weight"]
+    # The head is stored like every weight (one dtype for the distributed optimizer's groups)
+    # and computed in fp32.
+    assert model.output_layer.weight.dtype == torch.bfloat16
+    assert not hasattr(model.output_layer.weight, "is_embedding_or_output_parameter")
     assert model.decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
+    tokens = torch.randint(3, preset.vocab_size, (1, 16))
+    scores = chunks[0](tokens, torch.arange(16)[None], None)
+    assert scores.dtype == torch.float32 and scores.shape == (1, 16, 1)
     optimizer = build_optimizer(chunks, OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True,
                                                         params_dtype=torch.bfloat16), ctx1)
     packs = pack_pairs(fixed_pairs(4), 256, preset.pad_token_id)

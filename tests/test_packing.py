@@ -70,3 +70,20 @@ def test_padded_batch_reward_positions():
 def test_empty_sequence_rejected():
     with pytest.raises(ValueError, match="empty sequence"):
         pack_pairs([([1, 2], [])], token_budget=16, pad_id=0)
+
+
+def test_model_inputs_read_nothing_back_from_the_device():
+    """Everything the model needs goes to the device in one copy per tensor, with the values
+    that need a host read (max_seqlen, the padded extent) taken before the copy: on the `meta`
+    device, where any read of a value raises, the inputs are still built."""
+    import torch
+
+    pack = pack_pairs(make_pairs([(3, 2), (4, 4)]), token_budget=32, pad_id=0, pad_multiple=8)[0]
+    tokens, positions, params = pack.model_inputs(torch.device("meta"))
+    assert tokens.is_meta and positions.is_meta and params.cu_seqlens_q.is_meta
+    assert params.cu_seqlens_kv is params.cu_seqlens_q  # one copy, shared
+    host = pack.packed_seq_params()
+    assert (params.max_seqlen_q, params.qkv_format) == (host.max_seqlen_q, "thd")
+    tokens, positions, params = pack.model_inputs(torch.device("cpu"))
+    assert torch.equal(tokens, pack.tokens) and torch.equal(positions, pack.position_ids)
+    assert torch.equal(params.cu_seqlens_q_padded, host.cu_seqlens_q_padded)

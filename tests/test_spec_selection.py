@@ -63,10 +63,8 @@ def test_requesting_te_without_it_is_an_error():
                        cuda_available=True, hopper=True)
 
 
-@pytest.mark.parametrize("change", [dict(context_parallel_size=2),
-                                    dict(tensor_model_parallel_size=2, sequence_parallel=True,
-                                         tp_comm_overlap=True)])
-def test_context_parallel_and_tp_comm_overlap_need_te_on_a_gpu(change):
+def test_tp_comm_overlap_needs_te_on_a_gpu():
+    change = dict(tensor_model_parallel_size=2, sequence_parallel=True, tp_comm_overlap=True)
     run = ModelRunConfig(**change)
     with pytest.raises(RuntimeError, match="needs Transformer Engine on a CUDA GPU"):
         resolve_use_te(run, te_available=False, cuda_available=False, hopper=False)
@@ -74,3 +72,104 @@ def test_context_parallel_and_tp_comm_overlap_need_te_on_a_gpu(change):
         resolve_use_te(ModelRunConfig(**change, use_transformer_engine=False),
                        te_available=True, cuda_available=True, hopper=True)
     assert resolve_use_te(run, te_available=True, cuda_available=True, hopper=True)
+
+
+@pytest.mark.parametrize("te,cuda,impl", [(True, True, None), (True, True, True),
+                                          (False, False, None), (True, True, False)])
+def test_context_parallelism_is_refused_with_or_without_te(te, cuda, impl):
+    run = ModelRunConfig(context_parallel_size=2, use_transformer_engine=impl)
+    with pytest.raises(NotImplementedError, match="not implemented for POLAR") as err:
+        resolve_use_te(run, te_available=te, cuda_available=cuda, hopper=cuda)
+    assert isinstance(err.value, RuntimeError)  # the trainer turns RuntimeErrors into refusals
+    assert "reward tokens" in str(err.value) and "--sequence-parallel" in str(err.value)
+
+
+def test_this_machine_refuses_context_parallelism_before_any_model_is_made(ctx1):
+    from megatron_polar.training.step import build_model_chunks
+
+    with pytest.raises(NotImplementedError, match="context-parallel-size 2"):
+        build_model_chunks(get_preset("tiny"), ModelRunConfig(context_parallel_size=2), ctx1)
+
+
+def fp8_run(recipe):
+    return ModelRunConfig(fp8=FP8Config(format="hybrid", recipe=recipe))
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 9)])
+def test_mxfp8_is_refused_before_blackwell(capability):
+    hopper = capability >= (9, 0)
+    with pytest.raises(FP8UnavailableError,
+                       match=r"mxfp8 .* needs a Blackwell GPU \(compute capability 10.x\)"
+                       if hopper else "a Hopper"):
+        resolve_use_te(fp8_run("mxfp8"), te_available=True, cuda_available=True,
+                       capability=capability, te_version="2.8.0")
+    # told only "Hopper or newer": mxfp8 is refused too, with the capability unknown
+    with pytest.raises(FP8UnavailableError, match="compute capability 9.0"):
+        resolve_use_te(fp8_run("mxfp8"), te_available=True, cuda_available=True, hopper=True)
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise", "mxfp8"])
+def test_every_recipe_runs_on_blackwell_with_a_recent_te(recipe):
+    assert resolve_use_te(fp8_run(recipe), te_available=True, cuda_available=True,
+                          capability=(10, 0), te_version="2.8.0")
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
+def test_hopper_recipes(recipe):
+    assert resolve_use_te(fp8_run(recipe), te_available=True, cuda_available=True,
+                          capability=(9, 0), te_version="2.8.0")
+
+
+@pytest.mark.parametrize("recipe,old_te", [("tensorwise", "2.1.0"), ("blockwise", "2.2.0"),
+                                           ("mxfp8", "2.0.0")])
+def test_recipes_need_the_te_megatron_builds_them_with(recipe, old_te):
+    with pytest.raises(FP8UnavailableError, match="needs Transformer Engine >= "):
+        resolve_use_te(fp8_run(recipe), te_available=True, cuda_available=True,
+                       capability=(10, 0), te_version=old_te)
+    # delayed scaling works with any TE megatron supports
+    assert resolve_use_te(fp8_run("delayed"), te_available=True, cuda_available=True,
+                          capability=(9, 0), te_version=old_te)
+
+
+def test_gradient_accumulation_fusion_is_off_on_this_machine(caplog):
+    import torch
+
+    from megatron_polar.model import config as config_module
+    from megatron_polar.model.config import (build_transformer_config,
+                                             use_gradient_accumulation_fusion,
+                                             wgrad_fusion_kernel_available)
+
+    assert not torch.cuda.is_available() and not wgrad_fusion_kernel_available()  # CPU CI
+    for use_te in (False, True):
+        cfg = build_transformer_config(get_preset("tiny"), ModelRunConfig(), use_te=use_te)
+        assert cfg.gradient_accumulation_fusion is False
+    # TE on a GPU without apex's kernel: off, said once
+    config_module._logged_wgrad_fusion_off = False
+    with caplog.at_level("WARNING", logger="megatron_polar.model.config"):
+        assert not use_gradient_accumulation_fusion(True, True)
+        assert not use_gradient_accumulation_fusion(True, True)
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "fused_weight_gradient_mlp_cuda" in caplog.records[0].message
+    assert use_gradient_accumulation_fusion(True, True, kernel_available=True)
+    assert not use_gradient_accumulation_fusion(False, True, kernel_available=True)
+    assert not use_gradient_accumulation_fusion(True, False, kernel_available=True)
+
+
+def test_batched_p2p_is_off_at_pp2_with_virtual_stages(monkeypatch):
+    """At PP=2 the next and previous stage are one rank: batched p2p would pair an activation
+    with a gradient (NCCL and gloo match messages to one peer in posting order)."""
+    import torch
+
+    from megatron_polar.model.config import build_transformer_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU
+    batched, variable = {}, {}
+    for pp, vpp in ((1, None), (2, None), (2, 2), (4, 2)):
+        run = ModelRunConfig(pipeline_model_parallel_size=pp,
+                             virtual_pipeline_model_parallel_size=vpp)
+        cfg = build_transformer_config(get_preset("tiny"), run, use_te=False)
+        batched[pp, vpp], variable[pp, vpp] = cfg.batch_p2p_comm, cfg.variable_seq_lengths
+    assert batched == {(1, None): True, (2, None): True, (2, 2): False, (4, 2): True}
+    # shapes are exchanged per micro-batch only without virtual stages; with them a step's
+    # packs share one length (PackingSampler(uniform_length_per_step=True))
+    assert variable == {(1, None): False, (2, None): True, (2, 2): False, (4, 2): False}

@@ -55,10 +55,19 @@ class PackedMicroBatch:
             max_seqlen_q=longest, max_seqlen_kv=longest,
         )
 
-    def to(self, device) -> "PackedMicroBatch":
-        return PackedMicroBatch(self.tokens.to(device), self.position_ids.to(device),
-                                self.cu_seqlens.to(device), self.num_pairs, self.max_seqlen,
-                                self.pair_ids)
+    def model_inputs(self, device) -> tuple[torch.Tensor, torch.Tensor, PackedSeqParams]:
+        """(tokens, position_ids, packed_seq_params) on `device`: each tensor copied once, and
+        everything that needs a value (the padded extent, max_seqlen) read on the host first,
+        so the step has no device-to-host sync."""
+        params = self.packed_seq_params()
+        cu = params.cu_seqlens_q.to(device, non_blocking=True)
+        padded = params.cu_seqlens_q_padded.to(device, non_blocking=True)
+        return (self.tokens.to(device, non_blocking=True),
+                self.position_ids.to(device, non_blocking=True),
+                PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
+                                max_seqlen_q=params.max_seqlen_q,
+                                max_seqlen_kv=params.max_seqlen_kv))
 
 
 def pair_length(pair: Pair) -> int:

@@ -17,6 +17,20 @@ Every pack is padded only to its own length rounded up to `pad_multiple`, so the
 tokens are the real tokens plus a little alignment padding (pipeline stages then exchange
 shapes per micro-batch: `variable_seq_lengths` in the model config).
 
+Interleaved (virtual) pipeline schedule. megatron-core 0.16.1's
+`forward_backward_pipelining_with_interleaving` accepts a rank's micro-batch count M only if
+N <= M and (M % N == 0 or M % N >= PP), N = `microbatch_group_size_per_vp_stage`, which
+defaults to PP (megatron/core/pipeline_parallel/schedules.py:995-1015,
+megatron/core/model_parallel_config.py:447-448): at the default, M must be a positive multiple
+of PP (with a larger N, multiple = min = N is a valid subset).
+`micro_batch_multiple` (and `min_micro_batches`) make every rank's count valid: packs
+are dealt as above, then a rank short of the next valid count splits its own multi-pair packs
+(tokens per rank unchanged); only if a rank has fewer pairs than that count are the step's
+packs dealt again with per-rank quotas. No pair is dropped or duplicated, no pack exceeds the
+budget. The interleaved schedule also needs every micro-batch of a step to have one length
+(megatron's per-micro-batch shape exchange misorders at PP=2 and is off with virtual stages,
+see model/config.py): `uniform_length_per_step` pads a rank's packs to the step's longest.
+
 Every rank runs the same planner over the same `TripletStream`, reading only pair lengths from
 the index until it materialises its own packs, so the state is the same on all ranks:
 `state_dict()` (stream position, steps, skip count) resumes exactly.
@@ -45,9 +59,105 @@ class StepPlan:
     pairs: int
 
 
-def deal_to_ranks(packs: list[list[int]], lengths: dict[int, int], dp_size: int) -> list[list[list[int]]]:
+def smallest_valid_count(micro_batch_multiple: int = 1, min_micro_batches: int = 1) -> int:
+    """The fewest micro-batches a rank may run: a multiple of `micro_batch_multiple`, at least
+    `min_micro_batches` (and at least one)."""
+    return -(-max(1, min_micro_batches) // micro_batch_multiple) * micro_batch_multiple
+
+
+def valid_count(count: int, micro_batch_multiple: int = 1, min_micro_batches: int = 1) -> bool:
+    return count >= max(1, min_micro_batches) and count % micro_batch_multiple == 0
+
+
+def _next_valid(count: int, multiple: int, minimum: int) -> int:
+    return max(smallest_valid_count(multiple, minimum), -(-count // multiple) * multiple)
+
+
+def _tokens(pack: list[int], lengths: dict[int, int]) -> int:
+    return sum(lengths[k] for k in pack)
+
+
+def split_pack(pack: list[int], lengths: dict[int, int]) -> tuple[list[int], list[int]]:
+    """Two non-empty halves of a multi-pair pack, balanced by tokens (longest pair first, each
+    to the lighter half), each in stream order."""
+    halves: tuple[list[int], list[int]] = ([], [])
+    load = [0, 0]
+    for k in sorted(pack, key=lambda k: (-lengths[k], k)):
+        h = 0 if load[0] <= load[1] else 1
+        halves[h].append(k)
+        load[h] += lengths[k]
+    return sorted(halves[0]), sorted(halves[1])
+
+
+def split_to_count(packs: list[list[int]], lengths: dict[int, int], count: int) -> list[list[int]]:
+    """Split multi-pair packs, the one with the most tokens first, until there are `count`
+    packs. Packs only get smaller, so none exceeds the budget it met before."""
+    packs = [list(p) for p in packs]
+    if count > sum(map(len, packs)):
+        raise ValueError(f"{sum(map(len, packs))} pairs cannot form {count} packs")
+    while len(packs) < count:
+        i = max((i for i, p in enumerate(packs) if len(p) > 1),
+                key=lambda i: (_tokens(packs[i], lengths), -min(packs[i])))
+        packs[i: i + 1] = split_pack(packs[i], lengths)
+    return packs
+
+
+class MicroBatchCountError(ValueError):
+    """A step's pairs cannot give every data-parallel rank a valid number of micro-batches."""
+
+
+def deal_to_ranks(packs: list[list[int]], lengths: dict[int, int], dp_size: int, *,
+                  micro_batch_multiple: int = 1,
+                  min_micro_batches: int = 1) -> list[list[list[int]]]:
     """Largest pack first, each to the rank with the fewest tokens; every rank gets at least
-    one pack (a multi-pair pack is split if there are fewer packs than ranks)."""
+    one pack (a multi-pair pack is split if there are fewer packs than ranks).
+
+    With `micro_batch_multiple` / `min_micro_batches`, every rank's pack count is then made a
+    multiple of the one, at least the other (see `_fit_counts`). The defaults leave the deal as
+    it is."""
+    per_rank = _deal(packs, lengths, dp_size)
+    if micro_batch_multiple == 1 and min_micro_batches <= 1:
+        return per_rank
+    return _fit_counts(per_rank, lengths, dp_size, micro_batch_multiple, min_micro_batches)
+
+
+def _fit_counts(per_rank: list[list[list[int]]], lengths: dict[int, int], dp_size: int,
+                multiple: int, minimum: int) -> list[list[list[int]]]:
+    """Make every rank's pack count valid without moving pairs between ranks where possible:
+    each rank splits its own multi-pair packs up to the next valid count, so the token load of
+    every rank stays that of the plain deal. If some rank holds fewer pairs than that count,
+    the step's packs are split to the fewest valid total and dealt again, largest first to the
+    rank with the fewest tokens among those still under their quota (quotas as even as the
+    multiple allows). Raises `MicroBatchCountError` when the step has fewer pairs than that
+    total (only merging packs could help, and no pack may grow past the budget)."""
+    targets = [_next_valid(len(packs), multiple, minimum) for packs in per_rank]
+    if all(t <= sum(map(len, packs)) for t, packs in zip(targets, per_rank)):
+        return [split_to_count(packs, lengths, t) for packs, t in zip(per_rank, targets)]
+    packs = [p for rank in per_rank for p in rank]
+    pairs = sum(map(len, packs))
+    floor = smallest_valid_count(multiple, minimum)
+    total = max(dp_size * floor, -(-len(packs) // multiple) * multiple)
+    if total > pairs:
+        raise MicroBatchCountError(
+            f"{pairs} pairs in {len(packs)} packs cannot give each of {dp_size} data-parallel "
+            f"ranks a multiple of {multiple} micro-batches (at least {floor}): that needs "
+            f"{total} packs, more than there are pairs")
+    packs = split_to_count(packs, lengths, total)
+    blocks = total // multiple
+    quota = [multiple * (blocks // dp_size + (r < blocks % dp_size)) for r in range(dp_size)]
+    size = [_tokens(p, lengths) for p in packs]
+    heap = [(0, r) for r in range(dp_size)]
+    out: list[list[list[int]]] = [[] for _ in range(dp_size)]
+    for i in sorted(range(len(packs)), key=lambda i: (-size[i], min(packs[i]))):
+        tokens, r = heapq.heappop(heap)
+        out[r].append(packs[i])
+        if len(out[r]) < quota[r]:
+            heapq.heappush(heap, (tokens + size[i], r))
+    return out
+
+
+def _deal(packs: list[list[int]], lengths: dict[int, int],
+          dp_size: int) -> list[list[list[int]]]:
     packs = [list(p) for p in packs]
     while len(packs) < dp_size:
         widest = max(range(len(packs)), key=lambda i: (len(packs[i]), -i))
@@ -69,7 +179,14 @@ def deal_to_ranks(packs: list[list[int]], lengths: dict[int, int], dp_size: int)
 class PackingSampler:
     def __init__(self, stream: TripletStream, global_batch_size: int, *,
                  token_budget: Optional[int] = None, pairs_per_micro_batch: Optional[int] = None,
-                 dp_rank: int = 0, dp_size: int = 1, pad_id: int = 2, pad_multiple: int = 64):
+                 dp_rank: int = 0, dp_size: int = 1, pad_id: int = 2, pad_multiple: int = 64,
+                 micro_batch_multiple: int = 1, min_micro_batches: int = 1,
+                 uniform_length_per_step: bool = False):
+        """`micro_batch_multiple` / `min_micro_batches`: every rank's micro-batch count in every
+        step is a multiple of the one and at least the other (the interleaved pipeline schedule:
+        multiple = min = PP). `uniform_length_per_step`: all of a rank's packs in a step are
+        padded to one length (the interleaved schedule needs it: it takes one `seq_length`
+        per step). The defaults keep the plain deal and per-pack lengths."""
         if (token_budget is None) == (pairs_per_micro_batch is None):
             raise ValueError("give exactly one of token_budget (micro-batch tokens) and "
                              "pairs_per_micro_batch (micro-batch size)")
@@ -82,6 +199,30 @@ class PackingSampler:
             raise ValueError(f"global batch size {global_batch_size} is not a multiple of "
                              f"micro-batch size x data-parallel size = "
                              f"{pairs_per_micro_batch} x {dp_size}")
+        if micro_batch_multiple < 1 or min_micro_batches < 1:
+            raise ValueError("micro_batch_multiple and min_micro_batches must be >= 1")
+        floor = smallest_valid_count(micro_batch_multiple, min_micro_batches)
+        if global_batch_size < dp_size * floor:
+            raise ValueError(
+                f"global batch size {global_batch_size} is too small for the interleaved "
+                f"pipeline schedule: each of DP={dp_size} data-parallel ranks must run a "
+                f"multiple of {micro_batch_multiple} micro-batches (PP={micro_batch_multiple} "
+                f"with virtual pipeline stages), at least {floor}, and a micro-batch holds at "
+                f"least one pair, so a step needs at least {dp_size * floor} pairs. Raise "
+                f"--global-batch-size to {dp_size * floor} or more, or lower the data- or "
+                "pipeline-parallel size, or drop --num-layers-per-virtual-pipeline-stage")
+        if pairs_per_micro_batch is not None:
+            count = global_batch_size // (pairs_per_micro_batch * dp_size)
+            if not valid_count(count, micro_batch_multiple, min_micro_batches):
+                raise ValueError(
+                    f"global batch size {global_batch_size} / (micro-batch size "
+                    f"{pairs_per_micro_batch} x DP={dp_size}) = {count} micro-batches per rank; "
+                    f"the interleaved pipeline schedule needs a multiple of "
+                    f"{micro_batch_multiple} (PP={micro_batch_multiple}), at least {floor}. "
+                    f"Make --global-batch-size a multiple of "
+                    f"{pairs_per_micro_batch * dp_size * micro_batch_multiple}")
+        self.micro_batch_multiple, self.min_micro_batches = micro_batch_multiple, min_micro_batches
+        self.uniform_length_per_step = uniform_length_per_step
         self.stream, self.global_batch_size = stream, global_batch_size
         self.budget, self.pairs_per_mb = token_budget, pairs_per_micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -114,8 +255,19 @@ class PackingSampler:
         """Plan the next step for all ranks (every rank computes the same plan)."""
         lengths = self._take()
         if self.budget is not None:
-            per_rank = deal_to_ranks(best_fit_decreasing(lengths, self.budget), lengths,
-                                     self.dp_size)
+            try:
+                per_rank = deal_to_ranks(best_fit_decreasing(lengths, self.budget), lengths,
+                                         self.dp_size,
+                                         micro_batch_multiple=self.micro_batch_multiple,
+                                         min_micro_batches=self.min_micro_batches)
+            except MicroBatchCountError as e:
+                raise MicroBatchCountError(
+                    f"step {self.steps + 1} (stream positions {min(lengths)}..{max(lengths)}): "
+                    f"{e}. Its pairs are long for the micro-batch budget of {self.budget} "
+                    f"tokens: raise --global-batch-size (now {self.global_batch_size}) or "
+                    f"--micro-batch-tokens, or lower the pipeline-parallel size "
+                    f"(PP={self.micro_batch_multiple}) or data-parallel size "
+                    f"(DP={self.dp_size})") from None
         else:
             order = sorted(lengths)
             per_rank_pairs = len(order) // self.dp_size
@@ -133,15 +285,17 @@ class PackingSampler:
 
     def next_step(self) -> list[PackedMicroBatch]:
         """This rank's micro-batches of the next step, each padded to its own multiple of
-        `pad_multiple`."""
-        batches = []
-        for positions in self.next_step_positions():
-            pairs = [self.stream.pair(p) for p in positions]
-            total = sum(len(a) + len(b) for a, b in pairs)
-            pad_to = -(-total // self.pad_multiple) * self.pad_multiple
-            batches.append(build_packed_micro_batch(pairs, pad_to, self.pad_id,
-                                                    pair_ids=tuple(positions)))
-        return batches
+        `pad_multiple`; with `uniform_length_per_step`, all padded to the longest of them
+        rounded up to `pad_multiple`. Every rank of one pipeline-parallel group has the same
+        data-parallel rank, hence the same packs and the same length."""
+        packs = self.next_step_positions()
+        pairs = [[self.stream.pair(p) for p in positions] for positions in packs]
+        totals = [sum(len(a) + len(b) for a, b in pack) for pack in pairs]
+        if self.uniform_length_per_step:
+            totals = [max(totals)] * len(totals)
+        return [build_packed_micro_batch(pack, -(-total // self.pad_multiple) * self.pad_multiple,
+                                         self.pad_id, pair_ids=tuple(positions))
+                for pack, total, positions in zip(pairs, totals, packs)]
 
     # -- checkpointing -------------------------------------------------------------------------
 

@@ -11,13 +11,18 @@ submodule (same constructor and forward signature) that accepts both layouts meg
 
 On CPU it computes exactly the diagonal blocks of that mask: one causal
 `scaled_dot_product_attention` per sequence (O(sum of L^2), not O(T^2)); `block_causal_mask`
-is the dense form, used by the tests to check it. On CUDA it uses `flex_attention` with a
-document mask, which skips the masked blocks instead of computing them.
+is the dense form, used by the tests to check it. On CUDA it uses a compiled `flex_attention`
+with a document block mask, which skips the masked blocks instead of computing them; pack
+lengths are padded to a few bucket lengths so that only a bounded number of kernels compile,
+and the block mask is built once per micro-batch, not once per layer.
+End padding (positions from `cu_seqlens[-1]`) never attends to or from real tokens; it attends
+causally within its own 128-position chunk, so it costs linear, not quadratic, work.
 RoPE (applied by `SelfAttention` before this module) restarts per sequence via `cu_seqlens`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -30,16 +35,27 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 
+# Flex attention's block size. End padding is also cut into chunks of this size: one chunk
+# attends only to itself, so padding (pack padding, and the bucket padding of the flex path)
+# costs one diagonal block per chunk instead of a quadratic block of its own.
+_FLEX_BLOCK = 128
+
+
 def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Sequence index of every packed position; positions past cu_seqlens[-1] get -1 (padding)."""
+    """Document id of every packed position: its sequence index for real tokens; end padding
+    (positions from cu_seqlens[-1]) gets one id per 128-position chunk, numbered after the last
+    sequence's, so padding never shares an id with a real token. Ids never decrease along the
+    pack (the flex block mask relies on it). No host sync: only cu_seqlens' shape is read."""
     positions = torch.arange(total, device=cu_seqlens.device)
     doc = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
-    return torch.where(positions < cu_seqlens[-1], doc, torch.full_like(doc, -1))
+    pad = (cu_seqlens.numel() - 1) + positions // _FLEX_BLOCK
+    return torch.where(positions < cu_seqlens[-1], doc, pad)
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[total, total] bool, True where query i may attend key j (same sequence, j <= i).
-    End padding forms one more causal block, so every row has a finite softmax."""
+    """[total, total] bool, True where query i may attend key j (same document, j <= i).
+    End padding forms causal blocks of its own (one per 128-position chunk, see
+    `document_ids`), so every row has a finite softmax."""
     doc = document_ids(cu_seqlens, total)
     idx = torch.arange(total, device=cu_seqlens.device)
     return (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])
@@ -114,12 +130,15 @@ class PackedCoreAttention(MegatronModule):
         cu = params.cu_seqlens_q
         # [t, n, hn] -> [1, n, t, hn]
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
-        if q.is_cuda:
-            out = _flex_document_attention(q, k, v, cu, self.softmax_scale, self.heads != self.groups)
+        if q.is_cuda or FORCE_FLEX:
+            out = _flex_document_attention(q, k, v, cu, self.softmax_scale,
+                                           self.heads != self.groups, compile=q.is_cuda)
             return out.squeeze(0).transpose(0, 1).reshape(total, -1)
         bounds = cu.tolist()
+        # End padding: causal blocks of its own, cut at multiples of 128 as `document_ids` does.
+        bounds += range((bounds[-1] // _FLEX_BLOCK + 1) * _FLEX_BLOCK, total, _FLEX_BLOCK)
         if bounds[-1] < total:
-            bounds.append(total)  # end padding: its own block, attends only within itself
+            bounds.append(total)
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         blocks = [self._sdpa(qi, ki, vi, None, is_causal=True)
                   for qi, ki, vi in zip(*(x.split(lengths, dim=2) for x in (q, k, v)))]
@@ -127,31 +146,134 @@ class PackedCoreAttention(MegatronModule):
         return out.squeeze(0).transpose(0, 1).reshape(total, -1)
 
 
+# Tests set this to take the flex path on CPU too (flex's eager reference, not compiled).
+FORCE_FLEX = False
+
+
+def flex_bucket(total: int) -> int:
+    """The padded length the flex path runs `total` packed positions at: the smallest
+    128 * {1, 2, 3, 4, 6, 8, 12, 16, 24, ...} (2^k and 3 * 2^(k-1) blocks) that holds them.
+
+    `flex_attention` is compiled with static shapes (its seq length is baked into the kernel),
+    so every distinct length is one more compilation (tens of seconds each, fwd and bwd), and
+    past the recompile limit torch falls back to the eager reference, which materialises T x T
+    scores. Two buckets per octave bound the variants by 2 * log2(T / 128) + 1 (17 up to 32k
+    tokens; in practice packs cluster just under the micro-batch budget and use one or two)
+    while padding by less than half the pack or one 128-block (powers of two: up to 100%).
+    The padding costs little compute (one diagonal block per 128 positions, see
+    `document_ids`), but the padded q/k/v/out are copies kept for backward, so it is paid in
+    attention activation memory; a finer geometric set would trade that for more compiles."""
+    blocks = max(1, -(-total // _FLEX_BLOCK))
+    octave = 1 << (blocks - 1).bit_length()  # smallest power of two >= blocks
+    if octave >= 4 and blocks <= 3 * octave // 4:
+        return 3 * octave // 4 * _FLEX_BLOCK
+    return octave * _FLEX_BLOCK
+
+
+# Compiled variants: buckets x grad mode (training, scoring) x dtype, well under this even for
+# million-token packs. Raised from dynamo's default of 8, which would otherwise silently send
+# the ninth bucket to the eager T x T reference.
+_FLEX_RECOMPILE_LIMIT = 64
+_FLEX_BACKEND = "inductor"  # tests swap in a counting backend
 _FLEX = None
-_FLEX_BLOCK = 128  # flex_attention's block size; lengths are padded to a multiple of it
 
 
-def _flex_document_attention(q, k, v, cu_seqlens, scale, gqa, compile: bool = True):
-    """Block-sparse causal document attention with torch's flex_attention (CUDA path).
-
-    q [1, np, t, hn], k/v [1, ng, t, hn]. `compile=False` runs flex's eager reference, which
-    the CPU tests use to check the mask.
-    """
+def _compiled_flex():
     global _FLEX
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
 
-    if compile and _FLEX is None:
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    attend = _FLEX if compile else flex_attention
-    total = q.shape[2]
-    padded = -(-total // _FLEX_BLOCK) * _FLEX_BLOCK
-    if padded != total:  # partial blocks are not handled by every flex backend
-        q, k, v = (F.pad(x, (0, 0, 0, padded - total)) for x in (q, k, v))
+        # dynamic=True would avoid bucketing, but flex's dynamic-shape support is partial in
+        # torch 2.13 (_inductor/kernel/flex/flex_flash_attention.py: "TODO(dynamic shapes)";
+        # flex_attention.py's FLASH check rejects captured SymInts); static shapes per bucket
+        # are the well-trodden path.
+        params = inspect.signature(torch.compile).parameters
+        if "recompile_limit" in params and "isolate_recompiles" in params:
+            # torch 2.13: a limit of this callable's own, leaving every other compile alone.
+            limit = dict(recompile_limit=_FLEX_RECOMPILE_LIMIT, isolate_recompiles=True)
+        else:  # older torch (NGC images): only the global limit exists; raise it, never lower
+            limit, config = {}, torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, name, max(getattr(config, name), _FLEX_RECOMPILE_LIMIT))
+        _FLEX = torch.compile(flex_attention, dynamic=False, backend=_FLEX_BACKEND, **limit)
+    return _FLEX
+
+
+# Block masks of the last few micro-batches: [(cu_seqlens, its _version, padded, BlockMask)],
+# most recently used last. megatron hands every layer of a micro-batch the same PackedSeqParams,
+# so the same cu_seqlens *object*: keying on identity (plus the in-place version counter) finds
+# it without reading its values, which would be a device sync in every layer. Entries hold a
+# reference to their tensor, so its id cannot be reused by a new tensor while cached. Four
+# entries cover recomputation in backward (activation recompute re-runs the forward of an
+# earlier micro-batch while a later one's entry is the newest); a miss only costs a rebuild.
+_MASK_CACHE: list = []
+_MASK_CACHE_SIZE = 4
+
+
+def _version(t: torch.Tensor) -> int:
+    # Inference tensors have no version counter (and cannot be changed outside inference mode).
+    return -1 if t.is_inference() else t._version
+
+
+def document_block_mask(cu_seqlens: torch.Tensor, padded: int):
+    """The flex `BlockMask` of `_build_document_block_mask`, cached by cu_seqlens identity."""
+    version = _version(cu_seqlens)
+    for i, (cu, ver, length, mask) in enumerate(_MASK_CACHE):
+        if cu is cu_seqlens and ver == version and length == padded:
+            _MASK_CACHE.append(_MASK_CACHE.pop(i))
+            return mask
+    mask = _build_document_block_mask(cu_seqlens, padded)
+    _MASK_CACHE.append((cu_seqlens, version, padded, mask))
+    del _MASK_CACHE[:-_MASK_CACHE_SIZE]
+    return mask
+
+
+def _build_document_block_mask(cu_seqlens: torch.Tensor, padded: int):
+    """Causal document `BlockMask` over `padded` positions (a multiple of 128), built from each
+    block's first and last document id in O((padded / 128)^2), where `create_block_mask` would
+    evaluate the mask at all padded^2 pairs (a 1 GiB bool tensor at 32k tokens)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
     doc = document_ids(cu_seqlens, padded)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
 
-    block_mask = create_block_mask(mask_mod, None, None, padded, padded, device=q.device)
+    # Ids never decrease, so a block holds every id from its first to its last. Key block j
+    # before query block i shares a document with it iff last[j] == first[i], and every pair
+    # is allowed (a "full" block, no mask_mod needed) iff first[j] == last[i]. Diagonal blocks
+    # are always partial (causal); blocks after the diagonal are empty.
+    first, last = doc[::_FLEX_BLOCK], doc[_FLEX_BLOCK - 1::_FLEX_BLOCK]
+    idx = torch.arange(first.numel(), device=doc.device)
+    before = idx[None, :] < idx[:, None]  # [query block, key block]
+    full = before & (first[None, :] == last[:, None])
+    partial = (before & (last[None, :] == first[:, None]) & ~full) | (idx[None, :] == idx[:, None])
+
+    def ordered(dense):  # as create_block_mask: per row, the count and the present blocks first
+        dense = dense.to(torch.int32)[None, None]
+        indices = torch.argsort(dense, dim=-1, descending=True, stable=True)
+        return dense.sum(-1).to(torch.int32), indices.to(torch.int32)
+
+    # (seq_lengths default to the blocks' extent, `padded`; older torch has no such argument)
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=_FLEX_BLOCK,
+                                    mask_mod=mask_mod)
+
+
+def _flex_document_attention(q, k, v, cu_seqlens, scale, gqa, compile: bool = True):
+    """Block-sparse causal document attention with torch's flex_attention (CUDA path).
+
+    q [1, np, t, hn], k/v [1, ng, t, hn]. Runs at the `flex_bucket` length: the tail up to it is
+    end padding (it also keeps blocks whole, which not every flex backend handles partially).
+    `compile=False` runs flex's eager reference, which the CPU tests use to check the mask.
+    """
+    total = q.shape[2]
+    padded = flex_bucket(total)
+    if padded != total:
+        q, k, v = (F.pad(x, (0, 0, 0, padded - total)) for x in (q, k, v))
+    block_mask = document_block_mask(cu_seqlens, padded)
+    if compile:
+        attend = _compiled_flex()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as attend
     out = attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     return out[:, :, :total]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_polar.model.presets import ModelPreset
+
+log = logging.getLogger(__name__)
 
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
@@ -47,7 +50,7 @@ class ModelRunConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
-    context_parallel_size: int = 1  # TE only (its THD attention splits sequences across ranks)
+    context_parallel_size: int = 1  # > 1 is refused (spec.resolve_use_te): not implemented
     sequence_parallel: bool = False
     tp_comm_overlap: bool = False  # TE userbuffers: TP communication overlapped with GEMMs
     bf16: bool = False
@@ -71,6 +74,41 @@ class ModelRunConfig:
         if self.recompute_granularity not in (None, "selective", "full"):
             raise ValueError(f"recompute_granularity must be selective or full, "
                              f"got {self.recompute_granularity!r}")
+
+
+def wgrad_fusion_kernel_available() -> bool:
+    """Whether apex's `fused_weight_gradient_mlp_cuda` imports, exactly as megatron-core checks
+    it (megatron/core/tensor_parallel/layers.py:44-48, `_grad_accum_fusion_available`)."""
+    try:
+        from megatron.core.tensor_parallel import layers
+    except Exception:
+        return False
+    return bool(getattr(layers, "_grad_accum_fusion_available", False))
+
+
+_logged_wgrad_fusion_off = False
+
+
+def use_gradient_accumulation_fusion(use_te: bool, on_gpu: bool,
+                                     kernel_available: Optional[bool] = None) -> bool:
+    """megatron's fused weight-gradient accumulation (wgrad GEMM straight into the fp32
+    `main_grad`). TE's linear layers fuse it themselves (`fuse_wgrad_accumulation`,
+    megatron/core/extensions/transformer_engine.py:626), but megatron-core's own
+    ColumnParallelLinear refuses the setting at construction unless apex's
+    `fused_weight_gradient_mlp_cuda` imports (tensor_parallel/layers.py:924-933), and its
+    backward calls that kernel (layers.py:561-575, RowParallelLinear too). As Megatron-LM's
+    argument validation does, the fusion is on only with TE on a GPU *and* the apex kernel;
+    otherwise off, said once."""
+    global _logged_wgrad_fusion_off
+    if not (use_te and on_gpu):
+        return False
+    available = wgrad_fusion_kernel_available() if kernel_available is None else kernel_available
+    if not available and not _logged_wgrad_fusion_off:
+        _logged_wgrad_fusion_off = True
+        log.warning("gradient accumulation fusion off: apex's fused_weight_gradient_mlp_cuda "
+                    "kernel does not import (install apex with --cpp_ext --cuda_ext to fuse "
+                    "weight-gradient accumulation)")
+    return available
 
 
 def build_transformer_config(preset: ModelPreset, run: ModelRunConfig,
@@ -107,8 +145,19 @@ def build_transformer_config(preset: ModelPreset, run: ModelRunConfig,
         sequence_parallel=run.sequence_parallel,
         tp_comm_overlap=run.tp_comm_overlap,
         # Packs have their own lengths (no padding to the budget), so pipeline stages send each
-        # activation's shape before it.
-        variable_seq_lengths=run.pipeline_model_parallel_size > 1,
+        # activation's shape before it. Not under the interleaved schedule: megatron exchanges
+        # shapes with one batched send/recv per call in a fixed order (pipeline_parallel/
+        # p2p_communication.py:165-251), whatever `batch_p2p_comm` says. At PP=2 next and
+        # previous stage are one rank, so a call sending an activation and a gradient
+        # (send_forward_backward_recv_forward_backward, schedules.py:1482, 1762) hands the
+        # peer the gradient's shape as the activation's ("Received data size doesn't match" on
+        # gloo when lengths differ); and with equal lengths at M = PP (PP=2, VPP=2, gloo) the
+        # first stage, all warm-up, and the last, in 1F1B, wait on each other's shape and
+        # data messages forever. With virtual stages every micro-batch of a step has one length
+        # instead (PackingSampler(uniform_length_per_step=True)); the schedule builds its
+        # tensor shape from the step's `seq_length` (schedules.py:1019-1022).
+        variable_seq_lengths=(run.pipeline_model_parallel_size > 1
+                              and not run.virtual_pipeline_model_parallel_size),
         # Dense model, no MoE; megatron validates the (unused) dispatcher against the setting
         # above and only the all-to-all one accepts variable lengths.
         moe_token_dispatcher_type="alltoall",
@@ -123,7 +172,7 @@ def build_transformer_config(preset: ModelPreset, run: ModelRunConfig,
         recompute_num_layers=run.recompute_num_layers,
         # Fused kernels come from TE/apex on GPU; the CPU path uses plain torch ops.
         use_cpu_initialization=not on_gpu,
-        gradient_accumulation_fusion=use_te and on_gpu,
+        gradient_accumulation_fusion=use_gradient_accumulation_fusion(use_te, on_gpu),
         bias_activation_fusion=use_te and on_gpu,
         masked_softmax_fusion=False,
         apply_rope_fusion=use_te and on_gpu,
@@ -131,6 +180,12 @@ def build_transformer_config(preset: ModelPreset, run: ModelRunConfig,
         # gloo matches point-to-point messages between two ranks in posting order; a batched
         # send/recv of an activation and a gradient of one shape can pair up crosswise under the
         # interleaved schedule. Megatron's unbatched even/odd ordering is exact on gloo.
-        batch_p2p_comm=on_gpu,
+        # NCCL matches sends and receives to one peer in posting order too: at PP=2 with
+        # virtual stages, next and previous stage are the same rank, and the batched order
+        # (send_prev, recv_prev, send_next, recv_next; pipeline_parallel/p2p_communication.py:
+        # 16-51) pairs an activation with a gradient (Megatron-LM issues #750, #1450). The
+        # unbatched path uses a second group for one direction at PP=2 (p2p_communication.py:66).
+        batch_p2p_comm=on_gpu and not (run.pipeline_model_parallel_size == 2
+                                       and run.virtual_pipeline_model_parallel_size),
         **fp8_kwargs,
     )

@@ -9,6 +9,7 @@ hidden -> 1 linear kept in fp32. GPTModel's own forward then returns per-token s
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -23,33 +24,47 @@ from megatron_polar.model.presets import ModelPreset
 
 
 class RewardHead(MegatronModule):
-    """Linear hidden -> 1 without bias, in fp32 (released checkpoints call it `v_head`).
+    """Linear hidden -> 1 without bias (released checkpoints call it `v_head`), computed in fp32.
 
-    One output cannot be split over tensor-parallel ranks, so the weight is replicated: every
-    TP rank sees the same full hidden state and computes the same gradient.
+    The weight is stored in the model's dtype like every other parameter (bf16 in a bf16 run;
+    the optimizer keeps its fp32 master copy, as for all weights). An fp32 parameter inside a
+    bf16 model breaks megatron's distributed optimizer: each parameter group is laid out
+    fp32-first (megatron/core/optimizer/distrib_optimizer.py 0.16.1, lines 439-447) while its
+    index map keeps model order (lines 288-297), so checkpointing looked optimizer state up
+    for the wrong parameter. The released POLAR trains `v_head` in bf16 too.
+
+    One output cannot be split over tensor-parallel ranks, so the weight is replicated. Under
+    sequence parallelism each TP rank scores its own slice of the sequence and only the
+    [s, b, 1] scores are gathered (not the [s, b, h] hidden states); the weight's gradient is
+    then partial per rank and megatron sums it over TP for parameters marked
+    `sequence_parallel` (distributed/finalize_model_grads.py 0.16.1, line 354).
     """
 
     def __init__(self, config: TransformerConfig, tp_group, zero_init: bool = False):
         super().__init__(config=config)
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         self.weight = torch.nn.Parameter(
-            torch.empty(1, config.hidden_size, dtype=torch.float32, device=device))
+            torch.empty(1, config.hidden_size, dtype=config.params_dtype, device=device))
         if zero_init:
             torch.nn.init.zeros_(self.weight)
         elif config.perform_initialization:
-            torch.nn.init.normal_(self.weight, mean=0.0, std=config.init_method_std)
+            # Drawn in fp32 and rounded, so a bf16 run starts from the fp32 run's head.
+            with torch.no_grad():
+                self.weight.copy_(torch.empty(1, config.hidden_size, dtype=torch.float32,
+                                              device=device).normal_(0.0, config.init_method_std))
         self.tp_group = tp_group
         self.sequence_parallel = config.sequence_parallel
+        if self.sequence_parallel:
+            self.weight.sequence_parallel = True
 
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
-        """[s, b, h] -> ([s, b, 1] fp32 scores, None); signature of megatron's output layer."""
+        """[s(/tp), b, h] -> ([s, b, 1] fp32 scores, None); signature of megatron's output layer."""
+        scores = F.linear(hidden_states.float(), self.weight.float())
         if self.sequence_parallel:
             # Downstream is replicated, so the backward must split, not reduce-scatter.
-            hidden_states = gather_from_sequence_parallel_region(
-                hidden_states, tensor_parallel_output_grad=False, group=self.tp_group)
-        # Float16Module casts the whole model to bf16; the head is cast back after wrapping
-        # (see `keep_reward_head_fp32`), and its input is promoted here.
-        return F.linear(hidden_states.float(), self.weight.float()), None
+            scores = gather_from_sequence_parallel_region(
+                scores, tensor_parallel_output_grad=False, group=self.tp_group)
+        return scores, None
 
 
 class PolarRewardModel(GPTModel):
@@ -67,24 +82,30 @@ class PolarRewardModel(GPTModel):
         pg_collection=None,
         zero_init_head: bool = False,
     ):
-        super().__init__(
-            config=config,
-            transformer_layer_spec=transformer_layer_spec,
-            vocab_size=preset.vocab_size,
-            max_sequence_length=preset.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            rotary_base=preset.rotary_base,
-            pg_collection=pg_collection,
-            vp_stage=vp_stage,
-        )
+        with _reward_head_as_output_layer(zero_init_head):
+            super().__init__(
+                config=config,
+                transformer_layer_spec=_with_final_norm(transformer_layer_spec, config,
+                                                        vp_stage, pg_collection),
+                vocab_size=preset.vocab_size,
+                max_sequence_length=preset.max_position_embeddings,
+                pre_process=pre_process,
+                post_process=post_process,
+                share_embeddings_and_output_weights=False,
+                position_embedding_type="rope",
+                rotary_base=preset.rotary_base,
+                pg_collection=pg_collection,
+                vp_stage=vp_stage,
+            )
         self.preset = preset
-        if post_process:
-            # GPTModel built a vocab-sized projection; a reward model never uses it. Replacing
-            # it frees that memory and lets GPTModel's forward apply our head instead.
+        if post_process and not isinstance(self.output_layer, RewardHead):
+            # A megatron-core that builds its output layer some other way: replace it (the
+            # vocab-sized projection was allocated once, and is freed here).
             self.output_layer = RewardHead(config, self.pg_collection.tp, zero_init=zero_init_head)
+        if post_process:
+            # setup_embeddings_and_output_layer tagged it as the LM head; it is not one (the tag
+            # selects megatron's decoupled embedding/output learning rate).
+            self.output_layer.weight.__dict__.pop("is_embedding_or_output_parameter", None)
 
     @property
     def reward_head(self) -> Optional[RewardHead]:
@@ -108,11 +129,54 @@ class PolarRewardModel(GPTModel):
                                packed_seq_params=packed_seq_params, **kwargs)
 
 
-def keep_reward_head_fp32(model_chunk: torch.nn.Module) -> None:
-    """Undo a bf16 cast of the reward head (megatron's Float16Module casts every parameter)."""
-    for module in model_chunk.modules():
-        if isinstance(module, RewardHead):
-            module.float()
+def _with_final_norm(spec, config: TransformerConfig, vp_stage, pg_collection):
+    """A local-spec layer spec as a block spec whose final norm is `LocalRMSNorm` too (given a
+    bare layer spec, megatron would pick its own norm class for the final norm,
+    transformer/transformer_block.py 0.16.1, lines 252-259). Other specs pass through."""
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    from megatron_polar.model.norm import LocalRMSNorm
+
+    if not (isinstance(spec, ModuleSpec)
+            and getattr(spec.submodules, "input_layernorm", None) is LocalRMSNorm):
+        return spec
+    pp_rank = pg_collection.pp.rank() if pg_collection is not None else None
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=LocalRMSNorm)
+
+
+class _TensorParallelWithRewardHead:
+    """`megatron.core.tensor_parallel` as gpt_model.py sees it while a PolarRewardModel is
+    built, except that the one ColumnParallelLinear it makes there, the vocab-sized output
+    layer (megatron/core/models/gpt/gpt_model.py 0.16.1, line 241), is our RewardHead: a
+    reward model never allocates or initialises the [vocab, h] LM head (0.76 GB in bf16 for
+    POLAR-7B at TP=1)."""
+
+    def __init__(self, real, zero_init: bool):
+        self._real, self._zero_init = real, zero_init
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def ColumnParallelLinear(self, input_size, output_size, *, config, tp_group=None, **kwargs):
+        if tp_group is None:
+            from megatron.core import parallel_state
+
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        return RewardHead(config, tp_group, zero_init=self._zero_init)
+
+
+@contextlib.contextmanager
+def _reward_head_as_output_layer(zero_init: bool):
+    from megatron.core.models.gpt import gpt_model
+
+    real = gpt_model.tensor_parallel
+    gpt_model.tensor_parallel = _TensorParallelWithRewardHead(real, zero_init)
+    try:
+        yield
+    finally:
+        gpt_model.tensor_parallel = real
 
 
 def rewards_at(token_scores: torch.Tensor, reward_positions: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last-checkpoints", type=int, default=None)
     g.add_argument("--async-save", action="store_true")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer's state in model space, loadable at "
+                        "any TP/PP/DP (gathered on each TP/PP group's first DP rank while "
+                        "saving). Default: dp_reshardable, every rank writes its own shard "
+                        "and a resume may change DP but not TP/PP")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true",
@@ -164,6 +169,11 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="hard exit (no save) after this iteration, as a crash would")
     g.add_argument("--exit-during-save", type=int, default=None,
                    help="hard exit while writing this iteration's checkpoint")
+    g.add_argument("--inject-nan-grad-at", type=int, nargs="*", default=[],
+                   help="make the gradients NaN (the loss stays finite) at these iterations")
+    g.add_argument("--wait-for-signal-after-iteration", type=int, default=None,
+                   help="after logging this iteration, wait (every rank, up to 300 s) for "
+                        "SIGTERM, so that a test can signal a run at a known iteration")
     return p
 
 

@@ -15,12 +15,14 @@ so GPU runs never touch this module. What it changes, and why:
    (``Float16OptimizerWithFloat16Params``, ``DistributedOptimizer``) and
    ``clip_grad_by_total_norm_fp32`` dispatch on, or assert, those names.
    torch keeps function modes per thread, so code that runs the model from other threads
-   (the servers' request threads) enters ``cpu_backend_thread()`` around it.
+   (the servers' request threads) enters ``cpu_backend_thread()`` around it; and autograd
+   runs custom Functions' backward with no mode active, so the mode is re-entered there.
 3. megatron's CUDA RNG tracker (``megatron.core.tensor_parallel.random``) is replaced by
    ``CpuRNGStatesTracker``, which keeps named *CPU* generator states with the same fork
    semantics (dropout regions, weight init forks).
 4. ``torch.cuda.synchronize`` / ``torch.cuda.empty_cache`` / ``torch.cuda.get_rng_state``
-   become CPU equivalents (no-ops or the CPU RNG state); timers and checkpointing call them.
+   (also as ``torch.cuda.random.get_rng_state``, which recomputation calls) become CPU
+   equivalents (no-ops or the CPU RNG state); timers and checkpointing call them.
 
 The default causal mask (``megatron.core.transformer.utils.get_default_causal_mask``)
 allocates with ``device="cuda"`` and is covered by item 2. One CPU-only *setting* lives with
@@ -118,8 +120,25 @@ def enable_cpu_backend() -> bool:
     torch.cuda.empty_cache = lambda: None
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *a, **k: None
+    # megatron's activation recomputation reaches the same functions through the submodule
+    # (tensor_parallel/random.py 0.16.1, line 55: `torch.cuda.random.get_rng_state`).
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.random.set_rng_state = torch.cuda.set_rng_state
     torch.cuda.manual_seed = lambda seed: None
     _CudaToCpuMode().__enter__()  # for the whole thread on purpose: megatron allocates everywhere
+    # autograd runs a custom Function's backward with no function mode active (the mode stack
+    # is empty there), and megatron's sequence-parallel gathers allocate with
+    # device=torch.cuda.current_device() in their backward (tensor_parallel/mappings.py 0.16.1,
+    # line 141): the mode is re-entered around every custom backward.
+    from torch.autograd import function as autograd_function
+
+    backward_apply = autograd_function.BackwardCFunction.apply
+
+    def apply_with_cpu_routing(self, *args):
+        with _CudaToCpuMode():
+            return backward_apply(self, *args)
+
+    autograd_function.BackwardCFunction.apply = apply_with_cpu_routing
 
     from megatron.core.tensor_parallel import random as mrandom
 

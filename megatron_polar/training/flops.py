@@ -8,14 +8,37 @@ Backward = 2 x forward, so a training step is 3 x forward. Recomputation is not 
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import torch
 
 from megatron_polar.model.presets import ModelPreset
 
-# Dense bf16 peak TFLOP/s per GPU (vendor figures, no sparsity).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0}
+# Dense bf16 tensor-core peak TFLOP/s per GPU (vendor datasheet figures without sparsity,
+# i.e. half the "with sparsity" number). A key matches a device name when each of its words
+# appears in the name as a whole word, case-insensitively ("H20" does not match "H200",
+# "L40S" is not "L40"), and a form-factor word of the name (PCIe, NVL) is one of the key's:
+# "NVIDIA H100 NVL" (a lower-clocked card) matches no key rather than the SXM figure. The most
+# specific matching key wins ("H100 PCIe" over "H100"). torch.cuda.get_device_name() spells
+# them e.g. "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB",
+# "NVIDIA A100-PCIE-40GB", "NVIDIA H20". A GPU not in the table has no MFU unless
+# --peak-tflops gives its peak.
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0,  # SXM5
+    "H100 PCIe": 756.0,
+    "H800": 989.0,  # SXM5: H100 compute, narrower NVLink
+    "H800 PCIe": 756.0,
+    "H200": 989.0,  # SXM: H100 compute, HBM3e
+    "H20": 148.0,
+    "A100": 312.0,  # SXM4
+    "A100 PCIe": 312.0,  # same tensor-core peak as SXM4
+    "A800": 312.0,
+    "A800 PCIe": 312.0,
+    "L40S": 362.0,
+    "B200": 2250.0,
+}
+_FORM_FACTORS = ("PCIe", "NVL")
 
 
 def matmul_params_per_token(preset: ModelPreset) -> int:
@@ -35,12 +58,28 @@ def training_flops(preset: ModelPreset, sequence_lengths: Iterable[int]) -> floa
     return 3.0 * (dense + attention)
 
 
+def _has_word(word: str, name: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z0-9])", name, re.I) is not None
+
+
+def _name_matches(key: str, name: str) -> bool:
+    words = key.split()
+    return (all(_has_word(w, name) for w in words)
+            and all(f in words for f in _FORM_FACTORS if _has_word(f, name)))
+
+
+def peak_tflops_for_device_name(name: str) -> float | None:
+    """Dense bf16 peak of a GPU from its device name, or None for a GPU not in the table."""
+    matches = [key for key in PEAK_BF16_TFLOPS if _name_matches(key, name)]
+    if not matches:
+        return None
+    # Most specific first: more words, then a longer key.
+    best = max(matches, key=lambda key: (len(key.split()), len(key)))
+    return PEAK_BF16_TFLOPS[best]
+
+
 def peak_tflops_of_this_gpu() -> float | None:
     """Dense bf16 peak of the local GPU if it is one we know, else None."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_tflops_for_device_name(torch.cuda.get_device_name())

@@ -20,7 +20,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_polar.data.packing import PackedMicroBatch, PaddedBatch
 from megatron_polar.model.config import ModelRunConfig, build_transformer_config
 from megatron_polar.model.presets import ModelPreset
-from megatron_polar.model.reward_model import PolarRewardModel, keep_reward_head_fp32, rewards_at
+from megatron_polar.model.reward_model import PolarRewardModel, rewards_at
 from megatron_polar.model.spec import build_layer_spec, resolve_use_te
 from megatron_polar.training.objective import PairMetrics, pairwise_loss, reduce_pair_stats
 from megatron_polar.training.parallel import ParallelContext, compute_device
@@ -57,7 +57,6 @@ def build_model_chunks(
         model.to(compute_device())
         if run.bf16:
             model = Float16Module(config, model)
-            keep_reward_head_fp32(model)
         chunks.append(model)
 
     ddp_config = ddp_config or DistributedDataParallelConfig(grad_reduce_in_fp32=True)
@@ -98,6 +97,26 @@ def build_optimizer(chunks: list[torch.nn.Module], config: OptimizerConfig, ctx:
     return optimizer
 
 
+def sync_params(chunks) -> None:
+    """Make every parameter hold the weights of the last optimizer step.
+
+    With `--use-distributed-optimizer --overlap-param-gather` megatron leaves the updated
+    weights sharded after `step_with_ready_grads` (megatron/core/optimizer/distrib_optimizer.py
+    0.16.1 `step_with_ready_grads`, ~line 2613: no all-gather when overlapping) and gathers them
+    in the next forward's pre-hooks (distributed/distributed_data_parallel.py
+    `_make_forward_pre_hook`). Anything that reads weights between a step and the next forward
+    (a checkpoint, an export, validation, scoring) would mix steps N and N-1. This forces the
+    all-gather now, as Megatron-LM does around its saves (`disable_forward_pre_hook(param_sync=
+    True)` -> `start_param_sync(force_sync=True)`, distributed_data_parallel.py:367-382).
+    The bucket groups are then marked dispatched, so the next forward's hooks neither gather
+    again nor wait (param_and_grad_buffer.py `finish_param_sync`). A no-op otherwise.
+    """
+    for chunk in chunks:
+        ddp = getattr(chunk, "ddp_config", None)
+        if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 @dataclass
 class StepResult:
     metrics: PairMetrics
@@ -106,20 +125,31 @@ class StepResult:
     num_tokens: int  # real tokens this DP rank consumed (all micro-batches)
 
 
-def _pair_forward_step(data_iterator, model, poison_loss: bool = False):
+def _pair_forward_step(data_iterator, model, poison_loss: bool = False,
+                       poison_grad: bool = False):
     batch: PackedMicroBatch = next(data_iterator)
-    device = compute_device()
-    scores = model(batch.tokens.to(device), batch.position_ids.to(device), None,
-                   packed_seq_params=batch.to(device).packed_seq_params())
+    # One copy of each tensor to the device and no device-to-host sync (`model_inputs`).
+    tokens, position_ids, packed_seq_params = batch.model_inputs(compute_device())
+    scores = model(tokens, position_ids, None, packed_seq_params=packed_seq_params)
     loss_func = partial(pairwise_loss, batch.reward_positions)
+    if poison_grad and scores.requires_grad:
+        # fault injection (tests): the loss stays finite, the gradient flowing back from this
+        # stage's output is NaN (and so every gradient before it)
+        scores.register_hook(lambda grad: grad * float("nan"))
     if poison_loss:  # fault injection (tests): a NaN loss, and so NaN gradients
         return scores, partial(_poisoned, loss_func)
     return scores, loss_func
 
 
 def _poisoned(loss_func, token_scores):
+    from megatron_polar.training.objective import _STATS
+
     loss, count, stats = loss_func(token_scores)
-    return loss * float("nan"), count, stats
+    # The reported loss too (the step's metrics are summed from these stats), not only the one
+    # that is back-propagated: a NaN loss, as a real one would show.
+    pair_stats = stats["pair_stats"].clone()
+    pair_stats[_STATS.index("loss")] = float("nan")
+    return loss * float("nan"), count, {**stats, "pair_stats": pair_stats}
 
 
 def guarded_optimizer_step(optimizer, loss_is_finite: bool) -> tuple[bool, Optional[float]]:
@@ -181,7 +211,8 @@ def _run_schedule(chunks, micro_batches: Sequence[PackedMicroBatch], forward_onl
 
 
 def train_step(chunks, optimizer, micro_batches: Sequence[PackedMicroBatch],
-               ctx: ParallelContext, scheduler=None, poison_loss: bool = False) -> StepResult:
+               ctx: ParallelContext, scheduler=None, poison_loss: bool = False,
+               poison_grad: bool = False) -> StepResult:
     """One optimizer step over this DP rank's packed micro-batches (the global batch is the union
     over DP ranks). Every PP/TP rank of a DP replica passes the same micro-batches. A step whose
     loss or gradient norm is not finite changes nothing (see `guarded_optimizer_step`)."""
@@ -189,7 +220,8 @@ def train_step(chunks, optimizer, micro_batches: Sequence[PackedMicroBatch],
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     outputs = _run_schedule(chunks, micro_batches, forward_only=False, ctx=ctx,
-                            forward_step=partial(_pair_forward_step, poison_loss=poison_loss))
+                            forward_step=partial(_pair_forward_step, poison_loss=poison_loss,
+                                                 poison_grad=poison_grad))
     local = reduce_pair_stats(outputs, ctx.pg.dp) if ctx.is_last_stage else None
     metrics = _broadcast_metrics(local, ctx)
     update_successful, grad_norm = guarded_optimizer_step(optimizer, math.isfinite(metrics.loss))
@@ -203,6 +235,7 @@ def train_step(chunks, optimizer, micro_batches: Sequence[PackedMicroBatch],
 @torch.no_grad()
 def evaluate_pairs(chunks, micro_batches: Sequence[PackedMicroBatch], ctx) -> PairMetrics:
     """Loss and accuracy over packed pairs, forward only (validation)."""
+    sync_params(chunks)
     for chunk in chunks:
         chunk.eval()
     try:
@@ -230,6 +263,7 @@ def score_packed(chunks, micro_batches: Sequence[PackedMicroBatch], ctx) -> Opti
         scores, _ = _pair_forward_step(iter([batch]), model)
         return scores, partial(collect, batch.reward_positions)
 
+    sync_params(chunks)
     for chunk in chunks:
         chunk.eval()
     try:

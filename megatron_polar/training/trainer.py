@@ -32,7 +32,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.timers import Timers
 
 from megatron_polar.data.dataset import BlendSpec, DatasetError, TripletStream
-from megatron_polar.data.sampler import PackingSampler
+from megatron_polar.data.sampler import MicroBatchCountError, PackingSampler
 from megatron_polar.data.tokenizer import copy_tokenizer
 from megatron_polar.model.presets import MODEL_FILE, ModelPreset, checkpoint_preset, get_preset
 from megatron_polar.model.spec import resolve_use_te
@@ -82,7 +82,8 @@ class Trainer:
         self._resume()
         self.writer = (CheckpointWriter(args.save, args.keep_last_checkpoints, args.async_save,
                                         fault_hook=self._fault_during_save,
-                                        describe=self._describe_checkpoint)
+                                        describe=self._describe_checkpoint,
+                                        parallelization_group=ctx.pg.dp)
                        if args.save else None)
         self._signal = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -132,10 +133,8 @@ class Trainer:
             if a.stage == "sft" and ds.meta.get("mode") not in ("rankings", "triplets"):
                 self.reporter.print(f"warning: {ds.prefix} was built in "
                                     f"{ds.meta.get('mode')!r} mode; SFT expects ranked triplets")
-        # Aligned pack lengths: sequence parallelism splits packs across TP ranks, context
-        # parallelism into 2 x CP chunks.
-        cp = self.run_config.context_parallel_size
-        self.pad_multiple = math.lcm(64, ctx.tp_size * (2 * cp if cp > 1 else 1))
+        # Aligned pack lengths: sequence parallelism splits packs across TP ranks.
+        self.pad_multiple = math.lcm(64, ctx.tp_size)
         if self.run_config.tp_comm_overlap:
             # TE's userbuffers are registered for one activation shape: every pack is padded
             # to the whole budget (packing efficiency drops to the budget fill).
@@ -163,10 +162,21 @@ class Trainer:
 
     def _sampler(self, stream: TripletStream) -> PackingSampler:
         a = self.args
-        return PackingSampler(stream, a.global_batch_size, token_budget=a.micro_batch_tokens,
-                              pairs_per_micro_batch=a.micro_batch_size, dp_rank=self.ctx.dp_rank,
-                              dp_size=self.ctx.dp_size, pad_id=self.preset.pad_token_id,
-                              pad_multiple=self.pad_multiple)
+        # megatron's interleaved (VPP) schedule needs a multiple of PP micro-batches per step
+        # (pipeline_parallel/schedules.py 0.16.1, lines 995-1015) and one activation shape per
+        # step: its shape exchange at PP=2 pairs messages crosswise, so variable_seq_lengths is
+        # off under VPP (model/config.py) and every pack of a step is padded to one length.
+        vpp = self.ctx.vp_size is not None
+        pp = self.ctx.pp_size if vpp else 1
+        try:
+            return PackingSampler(stream, a.global_batch_size, token_budget=a.micro_batch_tokens,
+                                  pairs_per_micro_batch=a.micro_batch_size,
+                                  dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size,
+                                  pad_id=self.preset.pad_token_id, pad_multiple=self.pad_multiple,
+                                  micro_batch_multiple=pp, min_micro_batches=pp,
+                                  uniform_length_per_step=vpp)
+        except ValueError as e:
+            raise TrainingStopped(str(e)) from None
 
     def _model_and_optimizer(self) -> None:
         a, run = self.args, self.run_config
@@ -176,7 +186,10 @@ class Trainer:
             use_distributed_optimizer=a.use_distributed_optimizer)
         if run.tp_comm_overlap:
             self._initialize_userbuffers()
-        self.chunks = build_model_chunks(self.preset, run, self.ctx, ddp)
+        try:
+            self.chunks = build_model_chunks(self.preset, run, self.ctx, ddp)
+        except ValueError as e:  # a layout this machine cannot build
+            raise TrainingStopped(str(e)) from None
         self.optimizer = build_optimizer(self.chunks, OptimizerConfig(
             optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
             adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
@@ -196,25 +209,53 @@ class Trainer:
         `resolve_use_te` has already refused this flag without TE on a GPU)."""
         from transformer_engine.pytorch import module as te_module
 
-        cp = self.run_config.context_parallel_size
+        # TE 2.x transformer_engine/pytorch/module/base.py `initialize_ub(shape, tp_size,
+        # use_fp8=False, quantization_modes=None, dtype=torch.bfloat16, ub_cfgs=None,
+        # bootstrap_backend=None)`: the buffers' dtype must be the run's activation dtype, and
+        # without a bootstrap backend TE bootstraps over MPI, which Slurm/torchrun jobs do not
+        # have; Megatron-LM passes its --tp-comm-bootstrap-backend (nccl by default).
         te_module.base.initialize_ub(
-            shape=[self.args.micro_batch_tokens // cp, self.preset.hidden_size],
-            tp_size=self.ctx.tp_size, use_fp8=self.run_config.fp8.enabled)
+            shape=[self.args.micro_batch_tokens, self.preset.hidden_size],
+            tp_size=self.ctx.tp_size, use_fp8=self.run_config.fp8.enabled,
+            dtype=torch.bfloat16 if self.run_config.bf16 else torch.float32,
+            bootstrap_backend="nccl")
 
     def _resume(self) -> None:
         a, ctx = self.args, self.ctx
+
+        def read(directory, load, *args, **kwargs):
+            """A load that fails inside megatron or torch (a truncated or corrupt shard, tensors
+            of another shape) becomes one line naming the checkpoint, not a traceback."""
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            try:
+                return load(*args, **kwargs)
+            except (CheckpointError, TrainingStopped):
+                raise
+            except (Exception, CheckpointException) as e:  # the latter is a BaseException
+                cause, where = e, ""
+                if isinstance(e, CheckpointException) and e.failures:
+                    # torch gathers every rank's failure: the same error on all of them
+                    rank, (cause, _) = next(iter(sorted(e.failures.items())))
+                    where = f" on rank {rank}"
+                lines = str(cause).strip().splitlines()
+                error = CheckpointError(f"{directory}: cannot be read ({type(cause).__name__}"
+                                        + (f": {lines[0]}" if lines else "") + f"{where})")
+                # Otherwise possibly this rank's failure alone: it reports it itself (main).
+                error.on_any_rank = not isinstance(e, CheckpointException)
+                raise error from None
+
         iteration = a.ckpt_step
         if a.load and iteration is None:
             iteration = latest_iteration(a.load)
         if a.load and iteration is not None:
             directory = resolve_checkpoint_dir(a.load, iteration)
             if a.finetune:
-                load_model_weights(self.chunks, directory)
+                read(directory, load_model_weights, self.chunks, directory)
                 self.reporter.print(f"fine-tuning from the weights of {directory}")
                 return
-            common = load_checkpoint(directory, self.chunks, self.optimizer, ctx,
-                                     load_optimizer=not a.no_load_optim,
-                                     load_rng=not a.no_load_rng)
+            common = read(directory, load_checkpoint, directory, self.chunks, self.optimizer,
+                          ctx, load_optimizer=not a.no_load_optim, load_rng=not a.no_load_rng)
             self.state = TrainState(**common["train_state"])
             self.scheduler.load_state_dict(common["scheduler"])
             # A different data-parallel size only changes which rank gets which pack.
@@ -222,6 +263,11 @@ class Trainer:
             saved = common["layout"]
             self.reporter.print(f"resumed from {directory} (iteration {self.state.iteration}, "
                                 f"saved at TP={saved['tp']} PP={saved['pp']} DP={saved['dp']})")
+            if a.no_load_optim:
+                self.reporter.print("optimizer state not loaded (--no-load-optim): fresh Adam "
+                                    "moments")
+            if a.no_load_rng:
+                self.reporter.print("RNG state not restored (--no-load-rng)")
         elif a.pretrained_checkpoint or (a.load and is_checkpoint_dir(a.load)):
             # `--load` of a checkpoint with no iterations (e.g. from HF import) starts from its
             # weights at iteration 0, as Megatron-LM does with converted "release" checkpoints.
@@ -230,7 +276,7 @@ class Trainer:
             if not a.pretrained_checkpoint and is_training_checkpoint(Path(source)):
                 raise CheckpointError(f"{source} is a training checkpoint; pass its run "
                                       "directory to --load to resume, or --ckpt-step")
-            found = load_model_weights(self.chunks, source)
+            found = read(source, load_model_weights, self.chunks, source)
             self.reporter.print(f"initial weights from {found}")
         elif a.stage == "sft":
             raise TrainingStopped("SFT starts from a pre-trained POLAR model: pass "
@@ -265,7 +311,8 @@ class Trainer:
             if a.micro_batch_size is not None:
                 assert len(micro_batches) == get_num_microbatches()
             result = train_step(self.chunks, self.optimizer, micro_batches, self.ctx,
-                                self.scheduler, poison_loss=s.iteration + 1 in a.inject_nan_at)
+                                self.scheduler, poison_loss=s.iteration + 1 in a.inject_nan_at,
+                                poison_grad=s.iteration + 1 in a.inject_nan_grad_at)
             s.iteration += 1
             s.consumed_pairs += plan.pairs
             s.consumed_tokens += plan.tokens
@@ -304,6 +351,14 @@ class Trainer:
             window.start += time.perf_counter() - paused
             if a.exit_after_iteration == s.iteration:  # fault injection: a crash, no clean-up
                 _crash(3)
+            if a.wait_for_signal_after_iteration == s.iteration:
+                # fault injection (tests): hold here, iteration logged, until SIGTERM comes
+                deadline = time.monotonic() + 300
+                while not any_rank(self._signal):
+                    if time.monotonic() > deadline:
+                        raise TrainingStopped(f"--wait-for-signal-after-iteration {s.iteration}:"
+                                              " no SIGTERM within 300 s")
+                    time.sleep(0.05)
             if any_rank(self._signal):
                 if self.writer and last_saved != s.iteration:
                     self.save()
@@ -385,7 +440,10 @@ class Trainer:
                   "sampler": self.sampler.state_dict(), "preset": self.preset.name,
                   "layout": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size,
                              "dp": self.ctx.dp_size, "vpp": self.ctx.vp_size}}
-        state = training_state_dict(self.chunks, self.optimizer, self.ctx, common)
+        state = training_state_dict(
+            self.chunks, self.optimizer, self.ctx, common,
+            optimizer_format=("fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable
+                              else "dp_reshardable"))
         self.writer.save(self.state.iteration, state)
         self.timers("save").stop()
         self.reporter.print(f"checkpoint {'scheduled' if self.args.async_save else 'saved'}: "
@@ -456,7 +514,7 @@ def main(argv=None) -> int:
     args = parse_train_args(argv)
     try:
         preset = resolve_run_preset(args.model_preset, args.pretrained_checkpoint or args.load)
-    except ValueError as e:
+    except (ValueError, CheckpointError) as e:  # a bad marker or model.json: before any work
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     ctx = initialize_parallel(run_config_from_args(args, preset.num_layers))
@@ -464,10 +522,14 @@ def main(argv=None) -> int:
                         args.wandb_project, args.wandb_exp_name, config=vars(args))
     try:
         return Trainer(args, preset, ctx, reporter).run()
-    except (TrainingStopped, DatasetError, CheckpointError) as e:
-        # Every rank reaches the same decision; one line is enough.
-        if torch.distributed.get_rank() == 0:
+    except (TrainingStopped, DatasetError, CheckpointError, MicroBatchCountError) as e:
+        # Every rank reaches the same decision; one line is enough. A checkpoint that one rank
+        # alone failed to read is reported by that rank.
+        rank = torch.distributed.get_rank()
+        if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        elif getattr(e, "on_any_rank", False):
+            print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         reporter.close()
