@@ -21,3 +21,22 @@ def ctx1():
                       WORLD_SIZE="1")
     torch.set_num_threads(2)
     return initialize_parallel(ModelRunConfig())
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """A built dataset, and initial weights every layout starts from (as HF import gives);
+    shared by the trainer tests (tests/test_trainer*.py, test_shipped_configs.py), whose runs
+    each write under their own name."""
+    from megatron_polar.data.build import BuildConfig, build_triplets
+    from tests.test_build_triplets import good_records, write_jsonl
+    from tests.test_trainer import train
+    from tests.tokenizer_fixture import make_sentencepiece
+
+    root = tmp_path_factory.mktemp("train")
+    tok = str(make_sentencepiece(root))
+    src = write_jsonl(root / "pairs.jsonl", good_records(300, 5))
+    build_triplets(BuildConfig([src], str(root / "pairs"), tok), progress=False)
+    init = root / "init"
+    train(root, "init", "--train-iters", "0", "--save", str(init), data=(root, tok))
+    return root, tok, init

@@ -110,7 +110,6 @@ def test_bucketed_flex_equals_per_sequence_sdpa(pack, monkeypatch):
 
 def test_bucketed_flex_equals_per_sequence_sdpa_random_packs(monkeypatch):
     monkeypatch.setattr(attention, "_MASK_CACHE", [])
-    attn = one_rank_attention()
     gen = torch.Generator().manual_seed(3)
     heads, groups, d = 4, 2, 8
     for _ in range(6):

@@ -103,9 +103,13 @@ def test_cpu_run_reports_every_item(tmp_path):
         if item["status"] == "skip":
             assert item["reason"] and len(item["reason"]) > 10, item
     # What cannot run on a CPU says so; what can, passes.
-    for name in ("te_parity", "fp8_step", "peak_memory"):
+    for name in ("te_parity", "fp8_step", "tp_comm_overlap", "peak_memory"):
         assert items[name]["status"] == "skip"
     assert "CUDA" in items["te_parity"]["reason"]
+    assert items["tp_comm_overlap"]["reason"].startswith(
+        "needs TE, CUDA and torchrun with >= 2 GPUs")
+    assert "--tensor-model-parallel-size 2" in items["tp_comm_overlap"]["reason"]
+    assert report["tensor_model_parallel_size"] == 1
     for name in ("packed_vs_unpacked", "flex_attention", "checkpoint_after_overlap", "throughput"):
         assert items[name]["status"] == "pass", items[name]
     packed = items["packed_vs_unpacked"]["figures"]
@@ -118,8 +122,8 @@ def test_cpu_run_reports_every_item(tmp_path):
     speed = items["throughput"]["figures"]
     assert speed["tokens_per_s"] > 0 and speed["tflops_per_gpu"] > 0
     assert speed["mfu"] is None  # a CPU has no peak in the table
-    assert report["summary"] == {"passed": 4, "failed": 0, "skipped": 3}
-    assert "te_parity" in proc.stdout and "4 passed, 0 failed, 3 skipped" in proc.stdout
+    assert report["summary"] == {"passed": 4, "failed": 0, "skipped": 4}
+    assert "te_parity" in proc.stdout and "4 passed, 0 failed, 4 skipped" in proc.stdout
 
 
 def test_a_wrong_value_fails_the_item_and_the_exit_status(tmp_path):
@@ -135,6 +139,40 @@ def test_a_wrong_value_fails_the_item_and_the_exit_status(tmp_path):
     assert "flex error" in items["flex_attention"]["reason"]
     assert items["te_parity"]["status"] == "skip" and report["ok"] is False
     assert exit_code(report) == 1
+
+
+def test_tensor_parallel_flag_is_accepted_and_checked(tmp_path):
+    report_path = tmp_path / "report.json"
+    proc = gpu_check("--allow-cpu", "--model-preset", "tiny", "--tensor-model-parallel-size", "1",
+                     "--checks", "tp_comm_overlap", "--report", str(report_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (item,) = json.loads(report_path.read_text())["items"]
+    assert item["name"] == "tp_comm_overlap" and item["status"] == "skip"
+    assert "TP=1" in item["reason"]
+    # One process cannot hold TP=2: refused before anything starts.
+    proc = gpu_check("--allow-cpu", "--tensor-model-parallel-size", "2")
+    assert proc.returncode == 2 and "divide the world size 1" in proc.stderr
+
+
+def _items_at_tp2(out_dir):
+    from megatron_polar.training.gpu_check import main
+
+    assert main(["--allow-cpu", "--model-preset", "tiny", "--tensor-model-parallel-size", "2",
+                 "--checks", "packed_vs_unpacked,tp_comm_overlap",
+                 "--report", str(Path(out_dir) / "tp2.json")]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo/CPU test; on a GPU run torchrun")
+def test_at_tp2_the_tp1_items_skip_and_tp_comm_overlap_says_what_it_lacks(tmp_path):
+    run_distributed(2, _items_at_tp2, str(tmp_path))
+    report = json.loads((tmp_path / "tp2.json").read_text())
+    assert report["tensor_model_parallel_size"] == 2 and report["data_parallel_size"] == 1
+    items = {item["name"]: item for item in report["items"]}
+    assert items["packed_vs_unpacked"]["status"] == "skip"
+    assert "runs at TP=1" in items["packed_vs_unpacked"]["reason"]
+    overlap = items["tp_comm_overlap"]
+    assert overlap["status"] == "skip" and "CUDA" in overlap["reason"]
+    assert "TP >= 2" not in overlap["reason"]  # the layout is there; the GPU and TE are not
 
 
 def test_unknown_check_is_refused():

@@ -20,7 +20,7 @@ import torch
 from megatron_polar.data.build import BuildConfig, build_triplets
 from megatron_polar.training.checkpointing import LATEST
 from tests.test_build_triplets import good_records, write_jsonl
-from tests.test_trainer import ENV, ROOT, base_args, data, losses, records, train  # noqa: F401
+from tests.test_trainer import ENV, ROOT, base_args, losses, records, train
 
 COMMON = ["--train-iters", "6", "--valid-fraction", "0.05"]
 
@@ -136,7 +136,9 @@ def test_resume_without_optimizer_or_rng_state(data, ref):
     assert all(r["lr"] == lrs[r["iteration"]] for r in records(root, "no_optim"))
 
 
-@pytest.mark.parametrize("dp", [1, 2])
+# DP=2 with the distributed optimizer, as the shipped configs run (the plain optimizer's skip
+# goes through the same guarded step; tests/test_trainer.py counts skips in one process).
+@pytest.mark.parametrize("dp", [2])
 def test_nan_loss_and_nan_gradient_steps_leave_weights_and_adam_state_untouched(data, dp):
     """Iteration 3 has a NaN loss, iteration 4 a finite loss with NaN gradients: both are
     skipped, and the checkpoints of iterations 2, 3 and 4 hold the same tensors bit for bit

@@ -96,9 +96,10 @@ def use_gradient_accumulation_fusion(use_te: bool, on_gpu: bool,
     megatron/core/extensions/transformer_engine.py:626), but megatron-core's own
     ColumnParallelLinear refuses the setting at construction unless apex's
     `fused_weight_gradient_mlp_cuda` imports (tensor_parallel/layers.py:924-933), and its
-    backward calls that kernel (layers.py:561-575, RowParallelLinear too). As Megatron-LM's
-    argument validation does, the fusion is on only with TE on a GPU *and* the apex kernel;
-    otherwise off, said once."""
+    backward calls that kernel (layers.py:561-575, RowParallelLinear too). The fusion is on
+    only with TE on a GPU *and* the apex kernel; otherwise off, said once. (With the TE spec
+    and the LM head never built, no megatron linear is left that would need apex; TE's own
+    fusion would do. Kept conservative until a GPU run shows otherwise.)"""
     global _logged_wgrad_fusion_off
     if not (use_te and on_gpu):
         return False

@@ -127,6 +127,14 @@ def resolve_use_te(run: ModelRunConfig, *, te_available: Optional[bool] = None,
             capability = (9, 0)
         _check_fp8_recipe(run.fp8.recipe, capability,
                           transformer_engine_version() if te_version is None else te_version)
+        if run.tp_comm_overlap and run.fp8.recipe == "blockwise":
+            # TE's userbuffers take Float8 (delayed/current scaling) and MXFP8 quantizers only
+            # (TE 2.x pytorch/module/base.py `fill_userbuffers_buffer_for_all_gather`: "Unsupported
+            # quantizer for Userbuffers"), and megatron-core does not check it.
+            raise FP8UnavailableError("--fp8-recipe blockwise cannot be combined with "
+                                      "--tp-comm-overlap (Transformer Engine's userbuffers do not "
+                                      "take blockwise-scaled FP8); use --fp8-recipe delayed or "
+                                      "tensorwise, or drop --tp-comm-overlap")
     if run.tp_comm_overlap and not (te and cuda and run.use_transformer_engine is not False):
         raise RuntimeError("--tp-comm-overlap needs Transformer Engine on a CUDA GPU; "
                            + ("it is disabled" if run.use_transformer_engine is False

@@ -310,6 +310,15 @@ def _load_torch_adam_state(optimizer, loaded: dict) -> None:
         state["step"] = torch.tensor(step)
 
 
+def _bucket_layout(chunks) -> str:
+    """What a dp_reshardable optimizer state's bucket keys depend on besides TP/PP/VPP:
+    megatron buckets the gradient buffer only with overlapped grad reduction
+    (distributed/distributed_data_parallel.py 0.16.1, lines 64-68)."""
+    overlap = any(getattr(getattr(c, "ddp_config", None), "overlap_grad_reduce", False)
+                  for c in chunks)
+    return "bucketed (--overlap-grad-reduce)" if overlap else "one bucket (no --overlap-grad-reduce)"
+
+
 def training_state_dict(chunks, optimizer, ctx, common: Optional[dict] = None,
                         is_loading: bool = False, with_optimizer: bool = True,
                         with_rng: bool = True,
@@ -332,7 +341,8 @@ def training_state_dict(chunks, optimizer, ctx, common: Optional[dict] = None,
     if common is not None:
         distributed = bool(_distributed_optimizers(optimizer))
         state["common"] = {**common, "optimizer": {
-            "distributed": distributed, "format": optimizer_format if distributed else None}}
+            "distributed": distributed, "format": optimizer_format if distributed else None,
+            "buckets": _bucket_layout(chunks)}}
     return state
 
 
@@ -471,11 +481,15 @@ def load_checkpoint(directory: Path, chunks, optimizer, ctx, load_optimizer: boo
                 f"{directory} was saved {'with' if saved_optim['distributed'] else 'without'} "
                 "--use-distributed-optimizer and this run is the other way; its optimizer "
                 "state cannot be loaded (use the same setting, or --no-load-optim)")
-        if distributed and optimizer_format == "dp_reshardable" and not same_layout:
+        buckets = _bucket_layout(chunks)
+        saved_buckets = saved_optim.get("buckets", buckets)
+        if distributed and optimizer_format == "dp_reshardable" and (
+                not same_layout or saved.get("vpp") != ctx.vp_size or saved_buckets != buckets):
             raise CheckpointError(
                 f"{directory}: its optimizer state is dp_reshardable (saved at TP={saved['tp']} "
-                f"PP={saved['pp']}) and loads only at the same TP and PP, not at "
-                f"TP={ctx.tp_size} PP={ctx.pp_size}. Resume at the saved layout, or pass "
+                f"PP={saved['pp']} VPP={saved.get('vpp')}, {saved_buckets}) and loads only at "
+                f"the same TP, PP, VPP and bucketing, not at TP={ctx.tp_size} PP={ctx.pp_size} "
+                f"VPP={ctx.vp_size}, {buckets}. Resume at the saved layout, or pass "
                 "--no-load-optim to take the weights (any layout) with fresh Adam moments, or "
                 "save with --dist-ckpt-optim-fully-reshardable to change layouts")
     state = training_state_dict(chunks, optimizer, ctx, is_loading=True,

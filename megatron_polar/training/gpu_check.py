@@ -14,6 +14,10 @@ non-zero when an item failed.
   checkpoint_after_overlap  distributed optimizer with overlapped grad reduce / param gather:
                             after `sync_params`, every weight is its owner's fp32 main param cast
                             to bf16, identical on all DP ranks, saved as it is live
+  tp_comm_overlap           TE spec at TP >= 2 with sequence parallelism: a train step and the
+                            rewards with `--tp-comm-overlap` (TE userbuffers) vs without, same
+                            weights and pack (TE, CUDA, torchrun with
+                            `--tensor-model-parallel-size` >= 2; the only item run at TP > 1)
   peak_memory               peak torch.cuda memory per item and overall
   throughput                training steps of the full preset (1.8B by default) at TP=1: tokens/s,
                             TFLOP/s, MFU
@@ -23,6 +27,11 @@ layers of the real widths) so the whole tool takes minutes. On a machine without
 refuses to run unless `--allow-cpu` is given; then the checks that can run on a CPU (packing,
 flex's eager reference, the checkpoint check on gloo, a short throughput run) run and the others
 are skipped with their reason; this is what the tests use.
+
+Every item but `tp_comm_overlap` runs at TP=1 (the default `--tensor-model-parallel-size 1`); a
+run started at TP > 1 skips them with that reason and runs `tp_comm_overlap` (and peak_memory):
+  torchrun --nproc-per-node 8 tools/gpu_check.py --tensor-model-parallel-size 2 \
+      --checks tp_comm_overlap
 
 Written against megatron-core 0.16.1; GPU-only calls cite the upstream lines they rely on.
 """
@@ -49,13 +58,16 @@ import torch
 import torch.nn.functional as F
 
 ITEMS = ("te_parity", "packed_vs_unpacked", "flex_attention", "fp8_step",
-         "checkpoint_after_overlap", "peak_memory", "throughput")
+         "checkpoint_after_overlap", "tp_comm_overlap", "peak_memory", "throughput")
+# The items that run when the tool was started at TP > 1; the others assume TP=1 and skip there.
+ITEMS_AT_TP = ("tp_comm_overlap", "peak_memory")
 TITLES = {
     "te_parity": "local spec vs Transformer Engine spec (same weights)",
     "packed_vs_unpacked": "packed THD micro-batch vs each sequence alone",
     "flex_attention": "flex_attention document mask vs per-sequence attention",
     "fp8_step": "FP8 train steps vs bf16 on the same batch",
     "checkpoint_after_overlap": "checkpoint after overlapped distributed-optimizer steps",
+    "tp_comm_overlap": "--tp-comm-overlap (TE userbuffers) vs without at TP >= 2",
     "peak_memory": "peak GPU memory per item",
     "throughput": "training throughput, TFLOP/s and MFU",
 }
@@ -274,14 +286,15 @@ def environment_info(env: Optional[CheckEnv]) -> dict:
 # -- model helpers -----------------------------------------------------------------------------
 
 def build(env: CheckEnv, preset, *, bf16: bool, use_te: bool, fp8: Optional[tuple] = None,
-          ddp=None) -> list:
-    """Model chunks of `preset` through the trainer's own builder (`build_model_chunks`)."""
+          ddp=None, **run_fields) -> list:
+    """Model chunks of `preset` through the trainer's own builder (`build_model_chunks`);
+    `run_fields` are further ModelRunConfig fields (the parallel layout of tp_comm_overlap)."""
     from megatron_polar.model.config import FP8Config, ModelRunConfig
     from megatron_polar.training.step import build_model_chunks
 
     fp8_config = FP8Config(format=fp8[0], recipe=fp8[1]) if fp8 else FP8Config()
     run = ModelRunConfig(bf16=bf16, use_transformer_engine=use_te, fp8=fp8_config,
-                         seed=env.args.seed)
+                         seed=env.args.seed, **run_fields)
     return build_model_chunks(preset, run, env.ctx, ddp)
 
 
@@ -748,6 +761,100 @@ def check_checkpoint_after_overlap(env: CheckEnv, f: Findings) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# -- e2. TP communication overlap (TE userbuffers) ---------------------------------------------
+
+def initialize_userbuffers(tokens: int, hidden_size: int, tp_size: int, *, fp8: bool,
+                           bf16: bool) -> None:
+    """TE userbuffers for one activation shape [tokens, hidden]: the call of the trainer's
+    `Trainer._initialize_userbuffers` (megatron_polar/training/trainer.py), duplicated here so
+    the trainer stays as it is; keep the two alike."""
+    from transformer_engine.pytorch import module as te_module
+
+    # TE 2.x transformer_engine/pytorch/module/base.py `initialize_ub(shape, tp_size,
+    # use_fp8=False, quantization_modes=None, dtype=torch.bfloat16, ub_cfgs=None,
+    # bootstrap_backend=None)`; nccl bootstrap as Megatron-LM's default
+    # --tp-comm-bootstrap-backend (model_parallel_config.py 0.16.1, line 261).
+    te_module.base.initialize_ub(
+        shape=[tokens, hidden_size], tp_size=tp_size, use_fp8=fp8,
+        dtype=torch.bfloat16 if bf16 else torch.float32, bootstrap_backend="nccl")
+
+
+def destroy_userbuffers() -> None:
+    """Free TE's userbuffers (`destroy_ub` in transformer_engine/pytorch/module/base.py), so a
+    later `initialize_ub` in this process does not find them taken."""
+    from transformer_engine.pytorch import module as te_module
+
+    destroy = getattr(te_module.base, "destroy_ub", None)
+    if destroy is not None:
+        destroy()
+
+
+def check_tp_comm_overlap(env: CheckEnv, f: Findings) -> None:
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_polar.training.step import build_optimizer, score_packed, train_step
+
+    ctx, tp = env.ctx, env.ctx.tp_size
+    missing = [what for what, ok in (
+        ("a CUDA GPU", env.on_gpu), ("Transformer Engine", env.te),
+        (f"TP >= 2 (this run: TP={tp}, world size {env.world}; start it with "
+         "--tensor-model-parallel-size 2)", tp >= 2)) if not ok]
+    if missing:
+        raise SkipCheck("needs TE, CUDA and torchrun with >= 2 GPUs, e.g. `torchrun "
+                        "--nproc-per-node 8 tools/gpu_check.py --tensor-model-parallel-size 2 "
+                        f"--checks tp_comm_overlap`; missing: {', '.join(missing)}")
+    preset = env.check_preset
+    # One activation shape for every pack, as the trainer pads every pack to
+    # --micro-batch-tokens under --tp-comm-overlap: the userbuffers are sized for it and TE's
+    # overlapped GEMMs take exactly that many tokens. Sequence parallelism splits them over TP.
+    tokens = env.pack_len
+    if tokens % tp:
+        raise SkipCheck(f"the pack of {tokens} tokens does not split over TP={tp} (sequence "
+                        "parallelism)")
+    # Megatron overlaps the sequence-parallel all-gather / reduce-scatter with the GEMMs, so
+    # tp_comm_overlap needs sequence_parallel (ModelRunConfig refuses it without, as
+    # Megatron-LM's arguments.py does); TP is this run's (the parallel state the tool set up).
+    layout = dict(tensor_model_parallel_size=tp, sequence_parallel=True)
+    initialize_userbuffers(tokens, preset.hidden_size, tp, fp8=False, bf16=True)
+    try:
+        reference = build(env, preset, bf16=True, use_te=True, tp_comm_overlap=False, **layout)
+        overlapped = build(env, preset, bf16=True, use_te=True, tp_comm_overlap=True, **layout)
+        f.figures.update(tensor_parallel=tp, data_parallel=ctx.dp_size, tokens=tokens,
+                         tensors_copied=copy_weights(reference, overlapped))
+        # Every TP rank of a DP replica takes the same pack; lr 0 keeps the copied weights.
+        pack = env.pack(env.pairs(8 + ctx.dp_rank))
+        optimizer_config = OptimizerConfig(optimizer="adam", lr=0.0, bf16=True,
+                                           params_dtype=torch.bfloat16, clip_grad=1.0)
+        results = {}
+        for name, chunks in (("no_overlap", reference), ("overlap", overlapped)):
+            optimizer = build_optimizer(chunks, optimizer_config, ctx)
+            step = train_step(chunks, optimizer, [pack], ctx)
+            results[name] = (step, score_packed(chunks, [pack], ctx))
+            del optimizer
+        (ref_step, ref_rewards), (ovl_step, ovl_rewards) = results["no_overlap"], \
+            results["overlap"]
+        loss_ref, loss_ovl = ref_step.metrics.loss, ovl_step.metrics.loss
+        if env.injected("tp_comm_overlap"):
+            loss_ovl *= 2.0
+        for what, got, ref, tol in (("loss", loss_ovl, loss_ref, env.tol("bf16")),
+                                    ("grad_norm", ovl_step.grad_norm, ref_step.grad_norm,
+                                     env.tol("bf16_grad"))):
+            err = abs(got - ref) / max(abs(ref), 1e-30)
+            f.figures[what] = {"no_overlap": ref, "overlap": got, "rel_err": err, "tol": tol}
+            if not err <= tol:
+                f.fail(f"{what}: with overlap {got:.5g} vs without {ref:.5g}, relative "
+                       f"{err:.3g} > {tol:.3g}")
+        f.headline_parts.append(f"TP={tp}, loss {loss_ref:.4f} vs {loss_ovl:.4f}")
+        if ref_rewards is not None:  # the last pipeline stage (PP is 1 here)
+            f.compare("rewards", ovl_rewards, ref_rewards, env.tol("bf16"), headline=True)
+        if not (ref_step.update_successful and ovl_step.update_successful):
+            f.fail("a step was skipped (non-finite loss or gradient norm)")
+        del reference, overlapped
+    finally:
+        free_memory()
+        destroy_userbuffers()
+
+
 # -- g. throughput -----------------------------------------------------------------------------
 
 def synthetic_pack(g: torch.Generator, preset, budget: int):
@@ -880,6 +987,7 @@ CHECKS: dict[str, Callable] = {
     "flex_attention": check_flex_attention,
     "fp8_step": check_fp8_step,
     "checkpoint_after_overlap": check_checkpoint_after_overlap,
+    "tp_comm_overlap": check_tp_comm_overlap,
     "throughput": check_throughput,
 }
 
@@ -899,6 +1007,9 @@ def run_item(env: CheckEnv, name: str, results: list) -> ItemResult:
     start = time.perf_counter()
     status, reason = "pass", None
     try:
+        if env.ctx.tp_size > 1 and name not in ITEMS_AT_TP:
+            raise SkipCheck(f"runs at TP=1; this run has --tensor-model-parallel-size "
+                            f"{env.ctx.tp_size} (for {', '.join(ITEMS_AT_TP[:-1])})")
         if name == "peak_memory":
             check_peak_memory(env, findings, results)
         else:
@@ -1003,6 +1114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-steps", type=int, default=3,
                    help="FP8 and bf16 steps on the same batch; the last one is compared")
     p.add_argument("--checkpoint-steps", type=int, default=2)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="TP of the run (default 1); > 1 runs only tp_comm_overlap (and "
+                        "peak_memory), at that TP with sequence parallelism; the world size "
+                        "must be a multiple")
     p.add_argument("--tolerance-scale", type=float, default=1.0,
                    help="multiply every tolerance (the defaults are in gpu_check.py TOL)")
     p.add_argument("--work-dir", default=None,
@@ -1035,6 +1150,10 @@ def main(argv=None) -> int:
     unknown = [c for c in selected if c not in ITEMS]
     if unknown:
         build_parser().error(f"unknown check(s) {unknown}; known: {', '.join(ITEMS)}")
+    tp, world_size = args.tensor_model_parallel_size, int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1 or world_size % tp:
+        build_parser().error(f"--tensor-model-parallel-size {tp} must be >= 1 and divide the "
+                             f"world size {world_size}")
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not args.allow_cpu:
         print(NO_GPU_MESSAGE, file=sys.stderr)
@@ -1046,7 +1165,9 @@ def main(argv=None) -> int:
     from megatron_polar.training.parallel import initialize_parallel
 
     started = time.perf_counter()
-    ctx = initialize_parallel(ModelRunConfig(seed=args.seed), timeout_minutes=args.timeout_minutes)
+    ctx = initialize_parallel(
+        ModelRunConfig(seed=args.seed, tensor_model_parallel_size=args.tensor_model_parallel_size),
+        timeout_minutes=args.timeout_minutes)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     preset = get_preset(args.model_preset)
     layers = args.check_layers if 0 < args.check_layers < preset.num_layers else preset.num_layers
@@ -1083,6 +1204,7 @@ def main(argv=None) -> int:
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "environment": environment_info(env),
             "world_size": world, "data_parallel_size": ctx.dp_size,
+            "tensor_model_parallel_size": ctx.tp_size,
             "model_preset": preset.name,
             "check_preset": {"name": check_preset.name, "num_layers": check_preset.num_layers},
             "tolerances": {**TOL, "scale": args.tolerance_scale,

@@ -36,9 +36,10 @@ def pairwise_loss(reward_positions: torch.Tensor, token_scores: torch.Tensor):
     stats = torch.stack([
         loss.detach(), (margin > 0).sum().float(), chosen.detach().sum(),
         rejected.detach().sum(), margin.detach().sum(),
-        torch.tensor(float(num_pairs), device=loss.device),
+        torch.full((), float(num_pairs), device=loss.device),
     ])
-    count = torch.tensor(num_pairs, dtype=torch.int, device=loss.device)
+    # torch.full, not torch.tensor: no host-to-device copy (a blocking one syncs the stream).
+    count = torch.full((), num_pairs, dtype=torch.int, device=loss.device)
     return loss, count, {"pair_stats": stats}
 
 

@@ -129,9 +129,10 @@ def _pair_forward_step(data_iterator, model, poison_loss: bool = False,
                        poison_grad: bool = False):
     batch: PackedMicroBatch = next(data_iterator)
     # One copy of each tensor to the device and no device-to-host sync (`model_inputs`).
-    tokens, position_ids, packed_seq_params = batch.model_inputs(compute_device())
+    device = compute_device()
+    tokens, position_ids, packed_seq_params = batch.model_inputs(device)
     scores = model(tokens, position_ids, None, packed_seq_params=packed_seq_params)
-    loss_func = partial(pairwise_loss, batch.reward_positions)
+    loss_func = partial(pairwise_loss, batch.reward_positions.to(device, non_blocking=True))
     if poison_grad and scores.requires_grad:
         # fault injection (tests): the loss stays finite, the gradient flowing back from this
         # stage's output is NaN (and so every gradient before it)

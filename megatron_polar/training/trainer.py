@@ -211,9 +211,9 @@ class Trainer:
 
         # TE 2.x transformer_engine/pytorch/module/base.py `initialize_ub(shape, tp_size,
         # use_fp8=False, quantization_modes=None, dtype=torch.bfloat16, ub_cfgs=None,
-        # bootstrap_backend=None)`: the buffers' dtype must be the run's activation dtype, and
-        # without a bootstrap backend TE bootstraps over MPI, which Slurm/torchrun jobs do not
-        # have; Megatron-LM passes its --tp-comm-bootstrap-backend (nccl by default).
+        # bootstrap_backend=None)`: the buffers' dtype must be the run's activation dtype; the
+        # bootstrap backend is nccl, Megatron-LM's default --tp-comm-bootstrap-backend
+        # (model_parallel_config.py 0.16.1, line 261), rather than TE's guess (mpi, then gloo).
         te_module.base.initialize_ub(
             shape=[self.args.micro_batch_tokens, self.preset.hidden_size],
             tp_size=self.ctx.tp_size, use_fp8=self.run_config.fp8.enabled,
