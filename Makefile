@@ -17,8 +17,10 @@ $(STAMP): setup.py requirements/cpu.txt
 
 venv: $(STAMP)
 
+# Two workers, one test file each at a time (module fixtures, such as a file's shared trainer
+# runs, stay in one process).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The whole pipeline on tiny models (docs/demo.md); re-running reuses finished stages.
 demo: $(STAMP)

