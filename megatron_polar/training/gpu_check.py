@@ -589,7 +589,8 @@ def check_flex_attention(env: CheckEnv, f: Findings) -> None:
 def check_fp8_step(env: CheckEnv, f: Findings) -> None:
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_polar.training.step import build_optimizer, score_packed, train_step
+    from megatron_polar.training.step import (build_optimizer, destroy_userbuffers,
+                                              initialize_userbuffers, score_packed, train_step)
 
     if not env.on_gpu:
         raise SkipCheck("needs a CUDA GPU with Transformer Engine")
@@ -762,32 +763,6 @@ def check_checkpoint_after_overlap(env: CheckEnv, f: Findings) -> None:
 
 
 # -- e2. TP communication overlap (TE userbuffers) ---------------------------------------------
-
-def initialize_userbuffers(tokens: int, hidden_size: int, tp_size: int, *, fp8: bool,
-                           bf16: bool) -> None:
-    """TE userbuffers for one activation shape [tokens, hidden]: the call of the trainer's
-    `Trainer._initialize_userbuffers` (megatron_polar/training/trainer.py), duplicated here so
-    the trainer stays as it is; keep the two alike."""
-    from transformer_engine.pytorch import module as te_module
-
-    # TE 2.x transformer_engine/pytorch/module/base.py `initialize_ub(shape, tp_size,
-    # use_fp8=False, quantization_modes=None, dtype=torch.bfloat16, ub_cfgs=None,
-    # bootstrap_backend=None)`; nccl bootstrap as Megatron-LM's default
-    # --tp-comm-bootstrap-backend (model_parallel_config.py 0.16.1, line 261).
-    te_module.base.initialize_ub(
-        shape=[tokens, hidden_size], tp_size=tp_size, use_fp8=fp8,
-        dtype=torch.bfloat16 if bf16 else torch.float32, bootstrap_backend="nccl")
-
-
-def destroy_userbuffers() -> None:
-    """Free TE's userbuffers (`destroy_ub` in transformer_engine/pytorch/module/base.py), so a
-    later `initialize_ub` in this process does not find them taken."""
-    from transformer_engine.pytorch import module as te_module
-
-    destroy = getattr(te_module.base, "destroy_ub", None)
-    if destroy is not None:
-        destroy()
-
 
 def check_tp_comm_overlap(env: CheckEnv, f: Findings) -> None:
     from megatron.core.optimizer import OptimizerConfig

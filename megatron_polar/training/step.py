@@ -68,6 +68,32 @@ def build_model_chunks(
     ]
 
 
+def initialize_userbuffers(tokens: int, hidden_size: int, tp_size: int, *, fp8: bool,
+                           bf16: bool) -> None:
+    """TE userbuffers for TP communication overlap, registered for one activation shape
+    [tokens, hidden] (GPU only: `resolve_use_te` refuses --tp-comm-overlap without TE on a
+    GPU). Every pack must then be exactly `tokens` long."""
+    from transformer_engine.pytorch import module as te_module
+
+    # TE 2.x transformer_engine/pytorch/module/base.py `initialize_ub(shape, tp_size,
+    # use_fp8=False, quantization_modes=None, dtype=torch.bfloat16, ub_cfgs=None,
+    # bootstrap_backend=None)`; nccl bootstrap as Megatron-LM's default
+    # --tp-comm-bootstrap-backend (model_parallel_config.py 0.16.1, line 261).
+    te_module.base.initialize_ub(
+        shape=[tokens, hidden_size], tp_size=tp_size, use_fp8=fp8,
+        dtype=torch.bfloat16 if bf16 else torch.float32, bootstrap_backend="nccl")
+
+
+def destroy_userbuffers() -> None:
+    """Free TE's userbuffers (`destroy_ub` in transformer_engine/pytorch/module/base.py), so a
+    later `initialize_ub` in this process does not find them taken."""
+    from transformer_engine.pytorch import module as te_module
+
+    destroy = getattr(te_module.base, "destroy_ub", None)
+    if destroy is not None:
+        destroy()
+
+
 def unwrap(chunk: torch.nn.Module) -> PolarRewardModel:
     """The PolarRewardModel inside DDP / Float16Module wrappers."""
     while not isinstance(chunk, PolarRewardModel):

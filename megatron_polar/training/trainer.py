@@ -48,7 +48,8 @@ from megatron_polar.training.objective import PairMetrics, PairMetricsMean
 from megatron_polar.training.parallel import (ParallelContext, any_rank, compute_device,
                                               destroy_parallel, initialize_parallel)
 from megatron_polar.training.reporting import Reporter, memory_gib
-from megatron_polar.training.step import build_model_chunks, build_optimizer, evaluate_pairs, train_step
+from megatron_polar.training.step import (build_model_chunks, build_optimizer, evaluate_pairs,
+                                          initialize_userbuffers, train_step)
 
 
 class TrainingStopped(RuntimeError):
@@ -184,8 +185,9 @@ class Trainer:
             grad_reduce_in_fp32=True, overlap_grad_reduce=a.overlap_grad_reduce,
             overlap_param_gather=a.overlap_param_gather,
             use_distributed_optimizer=a.use_distributed_optimizer)
-        if run.tp_comm_overlap:
-            self._initialize_userbuffers()
+        if run.tp_comm_overlap:  # every pack is padded to the budget (`_data`)
+            initialize_userbuffers(a.micro_batch_tokens, self.preset.hidden_size,
+                                   self.ctx.tp_size, fp8=run.fp8.enabled, bf16=run.bf16)
         try:
             self.chunks = build_model_chunks(self.preset, run, self.ctx, ddp)
         except ValueError as e:  # a layout this machine cannot build
@@ -203,22 +205,6 @@ class Trainer:
             lr_warmup_steps=round(a.lr_warmup_fraction * steps), lr_decay_steps=steps,
             lr_decay_style=a.lr_decay_style, start_wd=a.weight_decay, end_wd=a.weight_decay,
             wd_incr_steps=steps, wd_incr_style="constant")
-
-    def _initialize_userbuffers(self) -> None:
-        """TE userbuffers for TP communication overlap, sized for one full pack (GPU only;
-        `resolve_use_te` has already refused this flag without TE on a GPU)."""
-        from transformer_engine.pytorch import module as te_module
-
-        # TE 2.x transformer_engine/pytorch/module/base.py `initialize_ub(shape, tp_size,
-        # use_fp8=False, quantization_modes=None, dtype=torch.bfloat16, ub_cfgs=None,
-        # bootstrap_backend=None)`: the buffers' dtype must be the run's activation dtype; the
-        # bootstrap backend is nccl, Megatron-LM's default --tp-comm-bootstrap-backend
-        # (model_parallel_config.py 0.16.1, line 261), rather than TE's guess (mpi, then gloo).
-        te_module.base.initialize_ub(
-            shape=[self.args.micro_batch_tokens, self.preset.hidden_size],
-            tp_size=self.ctx.tp_size, use_fp8=self.run_config.fp8.enabled,
-            dtype=torch.bfloat16 if self.run_config.bf16 else torch.float32,
-            bootstrap_backend="nccl")
 
     def _resume(self) -> None:
         a, ctx = self.args, self.ctx
