@@ -3,16 +3,27 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The released POLAR stack, for the tests that run POLAR's own code (tests/released_polar.py):
+# xtuner 0.2.0 (the released triplet encoding and the remote code of released checkpoints,
+# installed --no-deps: we only read its files) and, beside the venv's transformers 5, the 4.x
+# release that remote code needs (xtuner pins 4.48; the code also imports einops), in a
+# directory put first on PYTHONPATH only by those tests' subprocesses.
+TF4 := $(VENV)/transformers4
+TF4_PACKAGES := transformers==4.48.3 tokenizers==0.21.4 huggingface_hub==0.36.2 einops==0.8.2 \
+	requests urllib3 idna charset_normalizer certifi
 
 .PHONY: test demo demo-synthetic bench venv clean gpu-check
 
-$(STAMP): setup.py requirements/cpu.txt
+$(STAMP): setup.py requirements/cpu.txt Makefile
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/cpu.txt
 	$(PY) -m pip install -q -e '.[test,demo,rlhf-test]'
 	$(PY) -m pip install -q --no-deps nemo-aligner==0.7.0
+	$(PY) -m pip install -q --no-deps xtuner==0.2.0
+	rm -rf $(TF4)
+	$(PY) -m pip install -q --no-deps --target $(TF4) $(TF4_PACKAGES)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="megatron checkpoint: run dir, iter_N dir or weights")
-    src.add_argument("--hf", help="HF InternLM2ForRewardModel directory (e.g. an export)")
+    src.add_argument("--hf", help="HF reward-model directory: InternLM2ForRewardModel or "
+                     "LlamaForSequenceClassification (e.g. an export, docs/export.md)")
     p.add_argument("--input", required=True, help="JSONL records (prompt, reference, candidate)")
     p.add_argument("--output", default="-", help="JSONL rewards (default: stdout)")
     p.add_argument("--tokenizer", default=None,

@@ -1,11 +1,14 @@
 """HF import/export: parity with transformers' Llama, exact round trips, any-layout export,
 clear errors."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -59,12 +62,35 @@ def hf_rm(tmp_path_factory):
     return root, hf, preset
 
 
+def convert_cli(argv: list[str]) -> int:
+    """`tools/convert_hf.py` run in this process (argument parsing, messages, exit status),
+    without a subprocess's seconds of imports."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_hf_cli",
+                                                  ROOT / "tools" / "convert_hf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return module.main(argv)
+    except SystemExit as e:  # argparse errors
+        return e.code
+
+
+def cli(*argv):
+    """`convert_cli` with its exit status, stdout and stderr, like a finished subprocess."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = convert_cli([str(a) for a in argv])
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def import_(hf, out, *extra):
-    return run(["tools/convert_hf.py", "import", "--hf", str(hf), "--out", str(out), *extra])
+    return cli("import", "--hf", hf, "--out", out, *extra)
 
 
 def export(ckpt, out, *extra):
-    return run(["tools/convert_hf.py", "export", "--ckpt", str(ckpt), "--out", str(out), *extra])
+    return cli("export", "--ckpt", ckpt, "--out", out, *extra)
 
 
 def all_tensors(directory) -> dict:
@@ -224,6 +250,7 @@ def _copy_hf(hf, dst):
 
 
 def test_bad_inputs_give_errors_naming_the_file_or_tensor(hf_rm, tmp_path):
+    """The CLI's exit status and message (in this process; one case as a subprocess)."""
     root, hf, preset = hf_rm
     # A shard listed in the index is missing.
     broken = _copy_hf(hf, tmp_path / "missing")
@@ -261,6 +288,10 @@ def test_bad_inputs_give_errors_naming_the_file_or_tensor(hf_rm, tmp_path):
     ok(import_(hf, tmp_path / "ck"))
     shutil.rmtree(tmp_path / "ck" / "tokenizer")
     proc = export(tmp_path / "ck", tmp_path / "o7")
+    assert proc.returncode == 2 and "--tokenizer" in proc.stderr
+    # The same through a subprocess: the script's exit status and stderr.
+    proc = run(["tools/convert_hf.py", "export", "--ckpt", str(tmp_path / "ck"), "--out",
+                str(tmp_path / "o8")])
     assert proc.returncode == 2 and "--tokenizer" in proc.stderr
 
 

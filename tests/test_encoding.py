@@ -128,13 +128,14 @@ def test_hf_tokenizer_directory(tmp_path):
 FUZZ_BITS = ["the", "cat", "sat", "policy", "model", "reward", "apple", "river", " ", "  ",
              "   ", "\t", "\n", "\r\n", "\n\n", "中文", "字符", "😀", "👍🏽", "e\u0301",
              "\u0915\u094d\u0937", "\u00a0", "\u3000", "ＡＢ", "ﬁ", "\u200b", "\ufeff", "\x00",
-             "<|reward|>", "[UNUSED_TOKEN_130]", "<s>", "</s>", "<unk>", "<0x41>", "1+1=2",
-             "Ω", "ß", "İ", ".", "?"]
+             "<0x41>", "1+1=2", "Ω", "ß", "İ", ".", "?", "<", ">", "s>", "<|"]
+# Special-token text: rarer, so that many records still take the fast path.
+SPECIAL_BITS = ["<|reward|>", "[UNUSED_TOKEN_130]", "<s>", "</s>", "<unk>"]
 
 
 def fuzz_text(rng, max_bits, min_bits=0):
-    text = "".join(rng.choice(FUZZ_BITS) + rng.choice(["", " "])
-                   for _ in range(rng.randint(min_bits, max_bits)))
+    text = "".join(rng.choice(SPECIAL_BITS if rng.random() < 0.01 else FUZZ_BITS)
+                   + rng.choice(["", " "]) for _ in range(rng.randint(min_bits, max_bits)))
     if rng.random() < 0.2:
         text = rng.choice([" ", "  ", "\t", "\n"]) + text
     if rng.random() < 0.2:
@@ -216,7 +217,7 @@ def test_token_bound_and_round_trip_on_fuzzed_text(which, request):
         text = fuzz_text(rng, 12)
         bound = t.token_bound(text)
         if bound is None:
-            assert "\u2581" in text
+            assert "\u2581" in text or t.special_text(text), text
             continue
         ids = t.encode(text)
         assert len(ids) <= bound, text
@@ -402,3 +403,79 @@ def test_tokenizer_without_space_piece_or_with_bad_proto_does_not_round_trip(tok
 
     with pytest.raises(ValueError):
         sentencepiece_spec(tok.path.read_bytes()[:-3])  # truncated
+
+
+# ---- special-token text inside records (docs/data.md; tests/test_released_encoding.py runs
+# the released code itself) -------------------------------------------------------------------
+
+def test_special_token_text_is_removed_as_the_released_code_does(tok):
+    enc = TripletEncoder(tok)
+    # The text between special tokens is encoded on its own (with its dummy prefix), and decode
+    # drops the special ids: "a<s>b" comes back as "a b", a literal <|reward|> disappears.
+    assert tok.encode("a<s>b") == tok.encode("a") + [tok.bos_id] + tok.encode("b")
+    assert tok.decode(tok.encode("a<s>b")) == "a b" == tok.remove_special_text("a<s>b")
+    pos, neg = enc.encode("why</s>", "the <|reward|>cat", "a [UNUSED_TOKEN_130]mat", "<unk>x")
+    for seq in (pos, neg):
+        assert seq.count(tok.separator_id) == 1 and seq.count(tok.reward_token_id) == 1
+        assert not set(seq[1:-1]) & (tok.drop_ids - {tok.separator_id})
+    clean = [tok.remove_special_text(t) for t in ("why</s>", "the <|reward|>cat",
+                                                  "a [UNUSED_TOKEN_130]mat", "<unk>x")]
+    assert (pos, neg) == enc.encode(*clean)
+    assert enc.special_text_records == 1
+    # A field that is nothing but special tokens is empty after removal: no "\n" after the
+    # prompt for an empty reference, and an empty chosen response is refused.
+    pos, _ = enc.encode("why", "<s></s>", "the cat", "a mat")
+    assert pos[:len(tok.encode("why")) + 2] == [tok.bos_id] + tok.encode("why") + [tok.separator_id]
+    with pytest.raises(RecordError, match="empty response"):
+        enc.encode("why", "the cat", "<|reward|>", "a mat")
+
+
+def test_special_token_text_formed_where_fields_join_is_refused(tok):
+    # Within a field removal cannot form one ("<s" + "<s>" + ">" -> "<s" + " >": the piece
+    # after a special token keeps its dummy prefix), but with the pretrain wrapper "x<s" and
+    # ">" join into "<s>": refused.
+    enc = TripletEncoder(tok)
+    with pytest.raises(RecordError, match="formed where the fields join"):
+        enc.encode("x<s", ">", "the cat", "a mat", wrapper="pretrain")
+    enc.encode("x<s", ">", "the cat", "a mat")  # "\n" between them: nothing forms
+
+
+def test_polar_string_path_removes_special_text_as_training_does(tok):
+    import types
+
+    from megatron_polar.serving.rewards import PolarRewardService, RequestError
+
+    enc = TripletEncoder(tok)
+    service = PolarRewardService(types.SimpleNamespace(encoder=enc, score_ids=None))
+    text = "why\nthe cat<|reward|>why\na <s>mat<|reward|> end[UNUSED_TOKEN_130]"
+    assert service.encode_text(text) == enc.encode_sequence("why", "the cat",
+                                                            "a <s>mat<|reward|> end")
+    with pytest.raises(RequestError, match="found none"):
+        service.encode_text("why\nthe cat")
+
+
+def test_added_special_tokens_of_tokenizer_config_are_special_text(tok, tmp_path):
+    # InternLM2 declares `<|im_start|>` and the like in tokenizer_config.json, on unused pieces.
+    import json
+    import shutil
+
+    shutil.copy(tok.path, tmp_path / "tokenizer.model")
+    unused = tok.vocab_size - 1
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(unused): {"content": "<|im_start|>", "special": True},
+        "7": {"content": "<|not_special|>", "special": False}}}))
+    t = PolarTokenizer(tmp_path)
+    assert t.special_texts["<|im_start|>"] == unused and "<|not_special|>" not in t.special_texts
+    assert t.encode("a<|im_start|>b") == t.encode("a") + [unused] + t.encode("b")
+    assert t.decode(t.encode("a<|im_start|>b")) == "a b"
+    # The piece under it is special text too (sentencepiece would match its text), so the
+    # fast path and the exact path agree and no sequence holds the id.
+    piece = t.id_to_piece(unused)
+    assert t.special_texts[piece] == unused and t.token_bound(f"x {piece} y") is None
+    enc = TripletEncoder(t)
+    for rec in (("why", "one", f"two {piece} three", "four"), ("why", "one", "two", "four")):
+        pos, neg = enc.encode(*rec)
+        assert (pos, neg) == enc._encode_exact(*rec, "sft") and unused not in pos + neg
+    (tmp_path / "tokenizer_config.json").write_text('{"added_tokens_decoder": [1]}')
+    with pytest.raises(ValueError, match="tokenizer_config.json: unreadable added_tokens_decoder"):
+        PolarTokenizer(tmp_path)

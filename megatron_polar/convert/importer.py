@@ -1,4 +1,5 @@
-"""HF InternLM2/2.5 (base or `InternLM2ForRewardModel`) -> megatron-core weights checkpoint.
+"""HF InternLM2/2.5 (base or `InternLM2ForRewardModel`), or our `LlamaForSequenceClassification`
+export (`--format llama-seqcls`) -> megatron-core weights checkpoint.
 
 The output is a weights checkpoint (`training/checkpointing.py`) in parts: each part is a
 megatron-core distributed checkpoint of a few whole layers (plus the embedding in the first and
@@ -25,11 +26,12 @@ from typing import Optional
 
 import torch
 
-from megatron_polar.convert.hf_config import (ConversionError, check_same_shape,
+from megatron_polar.convert.hf_config import (ConversionError, check_same_shape, hf_layout,
                                               is_reward_config, preset_from_hf_config,
                                               read_hf_config)
 from megatron_polar.convert.hf_files import HFWeightReader, copy_remote_code
-from megatron_polar.convert.layout import HF_HEAD, HF_LM_HEAD, Unit, ignorable, units
+from megatron_polar.convert.layout import (HF_LM_HEAD, INTERNLM2, Unit, head_name, ignorable,
+                                           units)
 from megatron_polar.data.tokenizer import copy_tokenizer
 from megatron_polar.model.presets import MODEL_FILE, ModelPreset, get_preset
 from megatron_polar.training.checkpointing import SHARDED_METADATA, WEIGHTS_INDEX
@@ -67,7 +69,8 @@ def check_layout(preset: ModelPreset, tp: int, pp: int, source: str) -> None:
         raise ConversionError(f"{source}: " + "; ".join(problems))
 
 
-def check_weights(reader: HFWeightReader, plan: list[Unit], reward: bool) -> list[str]:
+def check_weights(reader: HFWeightReader, plan: list[Unit], reward: bool,
+                  layout: str = INTERNLM2) -> list[str]:
     """Every tensor we need is there with its shape; anything else is an error, except the LM
     head of a base model and recomputed buffers (returned as dropped)."""
     needed = {}
@@ -75,7 +78,7 @@ def check_weights(reader: HFWeightReader, plan: list[Unit], reward: bool) -> lis
         for m in unit.maps:
             needed.update(zip(m.hf, m.hf_shapes))
     if not reward:
-        needed.pop(HF_HEAD)
+        needed.pop(head_name(layout))
     for name, shape in needed.items():
         if name not in reader:
             raise ConversionError(f"{reader.dir}: tensor {name} is missing from the weights")
@@ -83,11 +86,13 @@ def check_weights(reader: HFWeightReader, plan: list[Unit], reward: bool) -> lis
             raise ConversionError(f"{reader.file_of(name)}: tensor {name} has shape "
                                   f"{list(reader.shape(name))}, config.json implies {list(shape)}")
     dropped = [n for n in reader.names() if n not in needed]
-    unexpected = [n for n in dropped if not (ignorable(n) or (n == HF_LM_HEAD and not reward))]
+    unexpected = [n for n in dropped if not (ignorable(n) or (
+        n == HF_LM_HEAD and not reward and layout == INTERNLM2))]
     if unexpected:
+        kind = ("LlamaForSequenceClassification" if layout != INTERNLM2 else
+                f"InternLM2 {'reward' if reward else 'base'}")
         raise ConversionError(f"{reader.file_of(unexpected[0])}: unexpected tensor(s) "
-                              f"{unexpected[:5]} for an InternLM2 "
-                              f"{'reward' if reward else 'base'} model")
+                              f"{unexpected[:5]} for an {kind} model")
     return dropped
 
 
@@ -161,6 +166,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
 
     hf_dir, out = Path(hf_dir), Path(out)
     config = read_hf_config(hf_dir)
+    layout = hf_layout(config, str(hf_dir / "config.json"))
     preset = preset_from_hf_config(config, str(hf_dir / "config.json"), reward_token_id)
     if preset_name:
         given = get_preset(preset_name)
@@ -168,12 +174,13 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
         preset = preset.replace(name=given.name)
     check_layout(preset, tensor_parallel, pipeline_parallel, str(hf_dir / "config.json"))
     reader = HFWeightReader(hf_dir)
-    reward = HF_HEAD in reader
+    head = head_name(layout)
+    reward = head in reader
     if is_reward_config(config) and not reward:
-        raise ConversionError(f"{hf_dir / 'config.json'} declares InternLM2ForRewardModel but "
-                              f"the weights have no {HF_HEAD}")
-    plan = units(preset)
-    dropped = check_weights(reader, plan, reward)
+        raise ConversionError(f"{hf_dir / 'config.json'} declares {config['architectures']} but "
+                              f"the weights have no {head}")
+    plan = units(preset, layout)
+    dropped = check_weights(reader, plan, reward, layout)
     tok_path = Path(tokenizer) if tokenizer else (
         hf_dir if any((hf_dir / n).is_file() for n in ("tokenizer.model", "tokenizer.json"))
         else None)
@@ -192,12 +199,11 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
         state = {}
         for unit in group:
             for m in unit.maps:
-                if m.hf == (HF_HEAD,) and not reward:
+                if m.hf == (head,) and not reward:
                     # A base model has no head: it starts at zero, as the released trainer's does.
                     data = torch.zeros(m.shape, dtype=dtype)
                 else:
-                    pieces = [reader.get(n) for n in m.hf]
-                    data = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                    data = m.join([reader.get(n) for n in m.hf])
                 leaf = leaves[m.megatron]
                 leaf.data = data
                 if hasattr(leaf, "dtype"):
@@ -222,6 +228,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
         "format": "megatron_polar weights in parts", "version": 1, "parts": parts,
         "dtype": str(dtype).removeprefix("torch."),
         "source": {"hf_dir": str(hf_dir.resolve()), "architectures": config.get("architectures"),
+                   "layout": layout,
                    "reward_head": "kept" if reward else "zero"},
         "layout_checked": {"tensor_model_parallel_size": tensor_parallel,
                            "pipeline_model_parallel_size": pipeline_parallel},

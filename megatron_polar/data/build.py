@@ -77,13 +77,17 @@ class BuildSummary:
     unused: int = 0  # trajectories that went into no triplet (--from-trajectories)
     triplets: int = 0  # documents written: a ranked record (--from-rankings) gives several
     tokens: int = 0
+    # written lines whose fields contained special-token text, removed (docs/data.md)
+    special_text_lines: int = 0
     seconds: float = 0.0
 
     def line(self) -> str:
         unused = f" + {self.unused:,} unused trajectories" if self.unused else ""
+        special = (f"; {self.special_text_lines:,} with special-token text removed"
+                   if self.special_text_lines else "")
         return (f"read {self.read:,} lines = {self.written:,} written + {self.rejected:,} rejected"
                 f"{unused}; {self.triplets:,} triplets, {self.tokens:,} tokens in "
-                f"{self.seconds:.1f}s")
+                f"{self.seconds:.1f}s{special}")
 
 
 # ---- workers: encode chunks of records ----------------------------------------------------
@@ -144,9 +148,11 @@ def _encode_ranking(record: dict) -> list[list[int]]:
 
 def _encode_chunk(items: list[tuple[str, bytes | dict]], rankings: bool = False):
     """[(where, raw line or assembled record)] -> [(where, (ids of each triplet's s+ then s-,
-    their lengths), None) or (where, reason, raw line)]; a ranked line gives several triplets."""
+    their lengths, whether special-token text was removed), None) or (where, reason, raw
+    line)]; a ranked line gives several triplets."""
     out = []
     for where, item in items:
+        removed = _ENCODER.special_text_records
         try:
             if isinstance(item, dict):
                 seqs = _encode_one(item)
@@ -157,7 +163,7 @@ def _encode_chunk(items: list[tuple[str, bytes | dict]], rankings: bool = False)
             lengths = [len(s) for s in seqs]
             # One int32 array per line: far cheaper to send back than lists of ints.
             ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=DTYPE, count=sum(lengths))
-            out.append((where, (ids, lengths), None))
+            out.append((where, (ids, lengths, _ENCODER.special_text_records > removed), None))
         except RecordError as e:
             out.append((where, str(e), item if isinstance(item, bytes) else None))
     return out
@@ -338,7 +344,8 @@ def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
                     if isinstance(result, str):
                         _reject(rejects, where, result, raw, cfg.skip_bad, summary)
                         continue
-                    ids, lengths = result
+                    ids, lengths, removed = result
+                    summary.special_text_lines += removed
                     offset = 0
                     for n_pos, n_neg in zip(lengths[::2], lengths[1::2]):
                         builder.add_document(ids[offset:offset + n_pos + n_neg], [n_pos, n_neg])
@@ -358,6 +365,7 @@ def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
                       "rankings" if cfg.from_rankings else "triplets"),
                 input_lines=summary.read, rejected=summary.rejected,
                 unused_trajectories=summary.unused,
+                special_text_lines=summary.special_text_lines,
                 partition=[cfg.partition_index, cfg.partitions], inputs=files,
                 command=cfg.command)
             tmp["meta"].write_text(json.dumps(meta, indent=2))

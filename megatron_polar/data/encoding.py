@@ -12,13 +12,17 @@ trained on:
 - the prompt appears twice and keeps its LAST `(max_length - 4 - |ref| - |cand|) // 2` tokens,
   the smaller budget of the two sequences of a triplet, so s+ and s- share one prompt;
 - the "\\n" after the prompt is left out when the response that follows is empty;
-- chat-message lists keep only their contents, joined with "\\n" (no template).
+- chat-message lists keep only their contents, joined with "\\n" (no template);
+- special-token text inside a field ("<s>", "<|reward|>", ...) is split out and dropped, as
+  the released tokenizer's encode and `decode(skip_special_tokens=True)` do; a record whose
+  joined text forms one (with the pretrain wrapper, a prompt ending in "<s" and a reference
+  starting with ">") is rejected, since text never yields a special id.
 
 That costs 7 encodes and 4 decodes per triplet. When the tokenizer provably round-trips text
 (`PolarTokenizer.round_trips`: identity normalisation and byte fallback) and the token bounds of
 the fields (`PolarTokenizer.token_bound`) show that nothing can be cut, every decode would give
 back its text unchanged, so the fast path encodes only the three halves; its output is the
-same ids. Any other record takes the exact path above.
+same ids. Any other record (and any record with special-token text) takes the exact path.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ class TripletEncoder:
     def __init__(self, tokenizer: PolarTokenizer, config: EncodingConfig = EncodingConfig()):
         self.tok = tokenizer
         self.cfg = config
+        # Records whose fields had special-token text removed (build_triplets' meta.json).
+        self.special_text_records = 0
 
     def _keep_first(self, text: str) -> tuple[str, int]:
         """(kept text, kept length counting the field's own BOS). Like the released trainer we
@@ -77,7 +83,20 @@ class TripletEncoder:
 
     def _half(self, prompt: str, response: str, wrapper: str) -> list[int]:
         sep = "" if wrapper == "pretrain" or not response else "\n"
-        return self.tok.encode(prompt + sep + response)
+        text = prompt + sep + response
+        special = self.tok.special_text(text)
+        if special is not None:
+            raise RecordError(f"special-token text {special!r} formed where the fields join "
+                              "(it would encode as a special id)")
+        ids = self.tok.encode(text)
+        if not self.tok.never_from_text.isdisjoint(ids):  # other text mapped to them
+            raise RecordError(f"the text encodes to special ids "
+                              f"{sorted(self.tok.never_from_text.intersection(ids))}")
+        return ids
+
+    def _count_special_text(self, texts) -> None:
+        if any(self.tok.special_text(t) for t in texts):
+            self.special_text_records += 1
 
     def sequence(self, prompt: str, reference: str, candidate: str, wrapper: str,
                  first_half: list[int] | None = None) -> list[int]:
@@ -94,9 +113,10 @@ class TripletEncoder:
         this sequence's own prompt budget. The candidate may be empty or equal the reference."""
         if wrapper not in WRAPPERS:
             raise RecordError(f"field 'wrapper' must be one of {WRAPPERS}, got {wrapper!r}")
-        p = field_text(prompt, "prompt")
-        (ref, n_ref), (cand, n_cand) = (self._keep_first(field_text(v, n)) for v, n in
-                                        ((reference, "reference"), (candidate, "candidate")))
+        p, ref, cand = (field_text(v, n) for v, n in ((prompt, "prompt"),
+                                                       (reference, "reference"),
+                                                       (candidate, "candidate")))
+        (ref, n_ref), (cand, n_cand) = self._keep_first(ref), self._keep_first(cand)
         p_ids = self.tok.encode(p)
         budget = (self.cfg.max_length - RESERVED_TOKENS - n_ref - n_cand) // 2
         if budget < 1:
@@ -124,6 +144,8 @@ class TripletEncoder:
                                                    (chosen, "chosen"), (rejected, "rejected"))]
         except RecordError:
             return None  # the exact path raises it, in its order
+        if any(self.tok.special_text(t) for t in texts):
+            return None
         bounds = [self.tok.token_bound(t) for t in texts]
         if None in bounds:
             return None
@@ -154,10 +176,11 @@ class TripletEncoder:
                       wrapper: str) -> tuple[list[int], list[int]]:
         """The released trainer's steps: measure, truncate and decode each field, then encode
         the halves."""
-        p = field_text(prompt, "prompt")
-        (ref, n_ref), (pos, n_pos), (neg, n_neg) = (
-            self._keep_first(field_text(v, n)) for v, n in
-            ((reference, "reference"), (chosen, "chosen"), (rejected, "rejected")))
+        texts = [field_text(v, n) for v, n in ((prompt, "prompt"), (reference, "reference"),
+                                                 (chosen, "chosen"), (rejected, "rejected"))]
+        self._count_special_text(texts)
+        p = texts[0]
+        (ref, n_ref), (pos, n_pos), (neg, n_neg) = map(self._keep_first, texts[1:])
         self._check_responses(ref, pos, neg)
         p_ids = self.tok.encode(p)
         room = self.cfg.max_length - RESERVED_TOKENS

@@ -5,6 +5,14 @@ the encoder, never found by tokenizing their text, so a tokenizer whose vocabula
 piece still encodes exactly. They come from the tokenizer (piece lookup, `config.json`'s
 `reward_token_id`) or from explicit overrides.
 
+Special-token text inside data ("<s>", "</s>", "<unk>", "<|reward|>", the reward token's text,
+a tokenizer's other special tokens) is handled as the released POLAR pipeline handles it: an HF
+tokenizer splits the text at each special token (the pieces between are encoded on their own,
+each with its dummy prefix) and gives the token's id, and decoding with special tokens skipped
+drops it. `encode` does the same (so truncation counts those ids as the released code does) and
+`decode` drops every special id, so `decode(encode(text))` is the text with its special tokens
+removed (docs/data.md, "Special-token text"). `special_text` finds what is left to remove.
+
 A sentencepiece model with identity normalisation and byte fallback (InternLM2's kind) provably
 round-trips text; `round_trips` and `token_bound` let the encoder skip the measuring encodes
 and the decodes for records that cannot need truncation (encoding.py).
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -167,6 +176,8 @@ class PolarTokenizer:
             lookup = self._sp_lookup
             default_bos = self._sp.bos_id()
             self.round_trips = self._sp_round_trips(model_file.read_bytes())
+            special_texts = self._sp_special_texts()
+            hf_added: set[str] = set()
         elif json_file is not None and json_file.is_file():
             try:
                 from tokenizers import Tokenizer
@@ -179,6 +190,9 @@ class PolarTokenizer:
             lookup = self._hf.token_to_id
             default_bos = lookup("<s>")
             self.round_trips = False  # not analysed: the exact (measure, decode) path always
+            added = self._hf.get_added_tokens_decoder()
+            special_texts = {t.content: i for i, t in added.items() if t.special}
+            hf_added = {t.content for t in added.values()}
         else:
             raise ValueError(f"{self.path}: expected a sentencepiece .model file or a directory "
                              "with tokenizer.model or tokenizer.json")
@@ -191,10 +205,47 @@ class PolarTokenizer:
         self.bos_id = self._resolve("bos_id", bos_id, config.get("bos_token_id", default_bos))
         if self.separator_id == self.reward_token_id:
             raise ValueError(f"{self.path}: separator and reward token share id {self.separator_id}")
+        self.special_texts = self._special_texts(special_texts)
+        self.drop_ids = frozenset(self.special_texts.values())
+        # What text must never encode to: every special id except the unknown token's, which
+        # a tokenizer without byte fallback gives for unknown characters (released code too).
+        self.never_from_text = self.drop_ids - {self._unk_id()}
+        # Longest first: at one position the longest special text wins (as in HF's trie).
+        # An HF tokenizer splits at its own added tokens (honouring their strip options); the
+        # other special texts (e.g. `<|reward|>` when tokenizer.json lacks it) are split here.
+        longest_first = sorted(self.special_texts, key=len, reverse=True)
+        split_here = [t for t in longest_first if t not in hf_added]
+        self._split_re = re.compile("|".join(map(re.escape, split_here))) if split_here else None
+        # `special_text` looks for first characters, then texts, with C-level `in` (a regex or
+        # a Python loop over every "<" of a field would cost more than encoding it).
+        self._by_first_char: dict[str, list[str]] = {}
+        for t in longest_first:
+            self._by_first_char.setdefault(t[0], []).append(t)
+
+    special_texts: dict[str, int]
+    """Text -> id of every special token that data text can contain: split out by `encode`,
+    dropped by `decode`."""
+    drop_ids: frozenset[int]
+    """The ids `decode` drops (as HF's `skip_special_tokens=True`)."""
+
+    def _special_texts(self, found: dict[str, int]) -> dict[str, int]:
+        """The tokenizer's own special tokens (`found`: control and unknown pieces, the added
+        special tokens of `tokenizer_config.json` / `tokenizer.json`), plus the POLAR
+        separator's text and the text of every special id's piece: text must never yield one of
+        those ids, whether or not the tokenizer marks it special."""
+        texts = dict(found)
+        texts[REWARD_SEPARATOR] = self.separator_id
+        # The piece text of every special id: InternLM2 puts `<|im_start|>` on the unused
+        # piece `[UNUSED_TOKEN_146]`, whose text sentencepiece would still match.
+        for i in set(found.values()) | {self.bos_id, self.separator_id, self.reward_token_id}:
+            piece = self.id_to_piece(i)
+            if piece and piece not in texts:
+                texts[piece] = i
+        return {t: i for t, i in texts.items() if t}
 
     round_trips: bool
-    """True when `decode(encode(x)) == x` for every str `x` without "▁" that has a UTF-8 form,
-    and `token_bound` holds (a sentencepiece model, see `spec_round_trips`)."""
+    """True when `decode(encode(x)) == x` for every str `x` without "▁" or special-token text
+    that has a UTF-8 form, and `token_bound` holds (a sentencepiece model, see `spec_round_trips`)."""
 
     def _sp_round_trips(self, model: bytes) -> bool:
         try:
@@ -214,8 +265,8 @@ class PolarTokenizer:
     def token_bound(self, text: str) -> Optional[int]:
         """An upper bound on `len(encode(text))` for a text that provably round-trips
         (`decode(encode(text)) == text`), or None when neither is guaranteed (a tokenizer that
-        does not round-trip, a text containing "▁" — decoded as a space — or one with no UTF-8
-        form, e.g. a lone surrogate).
+        does not round-trip, a text containing "▁" — decoded as a space —, special-token text —
+        dropped by decode — or one with no UTF-8 form, e.g. a lone surrogate).
 
         Why `len(text.encode()) + 1` bounds the count: with identity normalisation the
         normalised text is `text` with each " " replaced by "▁" and one "▁" in front (the dummy
@@ -226,7 +277,7 @@ class PolarTokenizer:
         UTF-8 length in pieces, and at most one if it is itself a piece: "▁" is (checked), so
         each space costs at most its one byte of `text` and the dummy prefix one more piece.
         """
-        if not self.round_trips or SPACE_PIECE in text:
+        if not self.round_trips or SPACE_PIECE in text or self.special_text(text):
             return None
         if not text:
             return 0  # encode("") is []
@@ -234,6 +285,45 @@ class PolarTokenizer:
             return len(text.encode("utf-8")) + 1
         except UnicodeEncodeError:
             return None
+
+    def _sp_special_texts(self) -> dict[str, int]:
+        """Control and unknown pieces (`<s>`, `</s>`, `<unk>`), which an HF tokenizer built on
+        this model treats as special tokens, and the special added tokens a directory's
+        `tokenizer_config.json` declares (InternLM2 maps `<|im_start|>` and the like onto
+        unused pieces there)."""
+        sp = self._sp
+        texts = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+                 if sp.is_control(i) or sp.is_unknown(i)}
+        config = self.path / "tokenizer_config.json" if self.path.is_dir() else None
+        if config is not None and config.is_file():
+            try:
+                added = json.loads(config.read_text()).get("added_tokens_decoder") or {}
+                for i, token in added.items():
+                    if token.get("special") and token.get("content"):
+                        texts[token["content"]] = int(i)
+            except (ValueError, AttributeError, TypeError) as e:
+                raise ValueError(f"{config}: unreadable added_tokens_decoder ({e})") from None
+        return texts
+
+    def _unk_id(self) -> Optional[int]:
+        if self._sp is not None:
+            return self._sp.unk_id()
+        unk = getattr(self._hf.model, "unk_token", None)
+        return self._hf.token_to_id(unk) if unk else None
+
+    def id_to_piece(self, i: int) -> str:
+        if self._sp is not None:
+            return self._sp.id_to_piece(i)
+        return self._hf.id_to_token(i) or ""
+
+    def special_text(self, text: str) -> Optional[str]:
+        """A special token's text found inside `text`, or None."""
+        for first, texts in self._by_first_char.items():
+            if first in text:
+                for t in texts:
+                    if t in text:
+                        return t
+        return None
 
     def _sp_lookup(self, piece: str) -> Optional[int]:
         i = self._sp.piece_to_id(piece)
@@ -255,20 +345,42 @@ class PolarTokenizer:
         return int(value)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without BOS/EOS."""
+        """Token ids of `text`, without BOS/EOS. Special-token text becomes the token's id and
+        splits the text, each piece encoded on its own, as an HF tokenizer does."""
         if not text:
             return []
+        if self._split_re is None or self.special_text(text) is None:
+            return self._encode_piece(text)
+        ids, start = [], 0
+        for m in self._split_re.finditer(text):
+            if m.start() > start:
+                ids += self._encode_piece(text[start:m.start()])
+            ids.append(self.special_texts[m.group(0)])
+            start = m.end()
+        if start < len(text):
+            ids += self._encode_piece(text[start:])
+        return ids
+
+    def _encode_piece(self, text: str) -> list[int]:
         if self._sp is not None:
             return self._sp.encode(text)
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of `ids`, special tokens skipped."""
+        """Text of `ids`, special tokens dropped."""
+        if not self.drop_ids.isdisjoint(ids):
+            ids = [i for i in ids if i not in self.drop_ids]
         if not ids:
             return ""
         if self._sp is not None:
             return self._sp.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=True)
+
+    def remove_special_text(self, text: str) -> str:
+        """`text` as the released pipeline keeps it: `decode(encode(text))` when it contains
+        special-token text (the tokens dropped, each piece after one keeping its own dummy
+        prefix), else `text` unchanged."""
+        return self.decode(self.encode(text)) if self.special_text(text) else text
 
     def identity(self) -> TokenizerIdentity:
         """Path and content hash: datasets record it so a run can refuse a mismatched tokenizer."""

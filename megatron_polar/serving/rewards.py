@@ -133,18 +133,27 @@ class PolarRewardService:
     def encode_text(self, text: str, index: int = 0) -> list[int]:
         """Ids of one full POLAR string `p SEP ref <|reward|> p SEP cand` (POLAR's client's
         format): [BOS] tok(first half) <|reward|> tok(second half) [REWARD]. A trailing reward
-        token written as text is accepted (it is the same id either way)."""
+        token written as text is accepted (it is the same id either way). The first
+        `<|reward|>` is the separator; other special-token text in either half (a later
+        `<|reward|>` included) is data and is removed as in training (docs/data.md), per half
+        since the string does not mark where the prompt ends (special text right at a field
+        boundary may leave one space more than training would)."""
         if not isinstance(text, str):
             raise RequestError(f"input {index}: expected a string, got {type(text).__name__}")
-        if text.endswith(REWARD_TOKEN):
-            text = text[: -len(REWARD_TOKEN)]
-        halves = text.split(REWARD_SEPARATOR)
-        if len(halves) != 2:
-            raise RequestError(f"input {index}: a POLAR string has exactly one "
-                               f"{REWARD_SEPARATOR} between the reference and the candidate; "
-                               f"found {len(halves) - 1}")
         enc = self.scorer.encoder
         tok = enc.tok
+        reward_text = tok.id_to_piece(tok.reward_token_id) or REWARD_TOKEN
+        if text.endswith(reward_text):
+            text = text[: -len(reward_text)]
+        if REWARD_SEPARATOR not in text:
+            raise RequestError(f"input {index}: a POLAR string has a {REWARD_SEPARATOR} "
+                               "between the reference and the candidate; found none")
+        halves = [tok.remove_special_text(h) for h in text.split(REWARD_SEPARATOR, 1)]
+        for half in halves:
+            special = tok.special_text(half)
+            if special is not None:
+                raise RequestError(f"input {index}: special-token text {special!r} remains "
+                                   "after the special tokens were removed")
         ids = ([tok.bos_id] + tok.encode(halves[0]) + [tok.separator_id]
                + tok.encode(halves[1]) + [tok.reward_token_id])
         if len(ids) > enc.cfg.max_length:
