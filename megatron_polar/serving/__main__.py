@@ -121,6 +121,7 @@ def main(argv=None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         server.follow()
+        _leave_process_group()
         return 0
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,7 +129,19 @@ def main(argv=None) -> int:
     with server:
         print(json.dumps({"ready": server.describe()}), flush=True)
         stop.wait()
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """All ranks leave together and tear their groups down before the interpreter exits: a
+    follower that exited with gloo's threads still alive died in `std::terminate` (exit -6)
+    now and then, failing torchrun's exit status."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
