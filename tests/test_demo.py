@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ import torch
 from megatron_polar.demo.pipeline import DemoConfig, DemoPipeline, Stage, run_stage
 from megatron_polar.demo.policies import PolicyRun, PolicyShape, train_policy_run
 from megatron_polar.demo.tokenizer import train_tokenizer
+
+# The corpus's digest with torch==2.13.0 and megatron-core==0.16.1 (docs/demo.md).
+CORPUS_SHA256 = "8bea8b5d614535d2"
 
 TEXTS = ["Return the number of items in the container.\n\nRaises ValueError if empty.",
          "def add(a, b):\n    return a + b\n", "Open a file and return a stream object."] * 40
@@ -25,13 +29,36 @@ def tokenizer_dir(tmp_path_factory):
     return d
 
 
-def test_stdlib_corpus_has_prose_and_code():
-    from megatron_polar.demo.corpus import stdlib_documents
+def test_corpus_comes_from_the_pinned_packages_sources():
+    from importlib import metadata
 
-    docs = stdlib_documents()
-    assert len(docs["prose"]) > 500 and len(docs["code"]) > 500
-    assert any("def " in d for d in docs["code"][:50])
-    assert all(200 <= len(d) <= 4000 for d in docs["prose"])
+    from megatron_polar.demo.corpus import KINDS, SOURCES, corpus_digest, package_documents
+
+    docs = package_documents()
+    assert all(len(docs[kind]) > 500 for kind in KINDS)
+    assert all(200 <= len(d) <= 4000 for kind in KINDS for d in docs[kind])
+    python_def = re.compile(r"^\s*(async\s+)?def \w+\(", re.MULTILINE)
+    assert all(python_def.search(d) for d in docs["code"])
+    assert not any(python_def.search(d) for d in docs["cpp"])
+    assert sum(("::" in d or "#include" in d) for d in docs["cpp"]) > 0.5 * len(docs["cpp"])
+    assert not any("Copyright" in d or "License" in d for d in docs["cpp"])
+    # Nothing of the standard library (its text changes with the Python patch release).
+    assert set(docs["versions"]) == {s.distribution for s in SOURCES}
+    pinned = all(metadata.version(s.distribution).split("+")[0] == s.version for s in SOURCES)
+    if pinned:  # the same text on every machine and Python 3.11.x (docs/demo.md)
+        assert corpus_digest(docs) == CORPUS_SHA256
+
+
+def test_cpp_documents_are_whole_paragraphs_without_license_text():
+    from megatron_polar.demo.corpus import _cpp_documents
+
+    header = ("// Copyright (c) Somebody. BSD license.\n\n#pragma once\n#include <a.h>\n\n"
+              + "\n\n".join(f"int f{i}(int x) {{\n  return x + {i};\n}}" for i in range(40)))
+    blocks = _cpp_documents(header, min_chars=100, max_chars=300)
+    assert blocks and all(100 <= len(b) <= 300 for b in blocks)
+    assert not any("Copyright" in b for b in blocks)
+    text = "\n\n".join(blocks)
+    assert text.startswith("#pragma once") and all(f"int f{i}(" in text for i in range(38))
 
 
 def test_tokenizer_serves_policies_and_reward_model(tokenizer_dir):
@@ -152,3 +179,59 @@ def test_base_model_becomes_an_internlm2_checkpoint_the_importer_reads(tokenizer
     assert not imported.differences(preset, ("num_layers", "hidden_size", "num_attention_heads",
                                               "num_query_groups", "ffn_hidden_size", "vocab_size",
                                               "rotary_base", "norm_epsilon", "reward_token_id"))
+
+
+def test_sampling_shards_keep_held_out_policies_on_evaluation_prompts(tmp_path):
+    cfg = DemoConfig(workdir=str(tmp_path), eval_every=3, preference_every=2,
+                     runs=(PolicyRun("r", {"prose": 1.0}, (10, 20, 30, 40)),), held_out=("r-20",))
+    pipe = DemoPipeline(cfg)
+    count = cfg.eval_every * cfg.preference_every
+    for policy in ("r-10", "r-20"):
+        shards = pipe.shards(policy)
+        answered = [i for i in range(60) if i % count in shards]
+        if policy == "r-20":  # held out: every evaluation prompt, nothing else
+            assert answered == [i for i in range(60) if pipe.is_eval_prompt(f"c{i:06d}")]
+        else:  # training: every training prompt, and the preference protocol's prompts
+            assert [i for i in answered if pipe.is_eval_prompt(f"c{i:06d}")] == list(
+                range(0, 60, count))
+            assert {i for i in range(60) if not pipe.is_eval_prompt(f"c{i:06d}")} <= set(answered)
+
+
+def test_policy_seeds_follow_the_demo_seed(tmp_path):
+    run = PolicyRun("r", {"prose": 1.0}, (10,), seed=3)
+    seeds = {DemoPipeline(DemoConfig(workdir=str(tmp_path), seed=s)).seeded(run).seed
+             for s in (1, 2, 1234)}
+    assert len(seeds) == 3
+
+
+def test_jobs_run_in_worker_processes_in_order_and_errors_surface():
+    import operator
+
+    from megatron_polar.demo.workers import run_jobs
+
+    assert run_jobs([(operator.add, (1, 2)), (operator.mul, (3, 4)), (pow, (2, 5))],
+                    workers=2, threads=1) == [3, 12, 32]
+    with pytest.raises(ZeroDivisionError):
+        run_jobs([(operator.truediv, (1, 0))], workers=1, threads=1)
+
+
+def test_pair_accuracy_splits_outcomes_by_reference_and_rejected_policy():
+    from megatron_polar.demo.pipeline import pair_accuracy
+    from megatron_polar.eval.discrimination import DiscriminationOutcome
+
+    outcomes = [DiscriminationOutcome(f"w{i}", a, b, 0.0, 0.0, credit)
+                for i, (a, b, credit) in enumerate([("x", "y", 1.0), ("x", "y", 0.5),
+                                                     ("x", "z", 0.0), ("y", "x", 1.0)])]
+    assert pair_accuracy(outcomes) == {"x vs y": {"count": 2, "accuracy": 0.75},
+                                       "x vs z": {"count": 1, "accuracy": 0.0},
+                                       "y vs x": {"count": 1, "accuracy": 1.0}}
+
+
+def test_reward_table_averages_per_reference_and_candidate_policy():
+    examples = [{"id": f"c{p}/{ref}/{cand}", "reward": r}
+                for p, rows in enumerate([{"a": {"a": 1.0, "b": 0.0}, "b": {"a": 2.0, "b": 1.0}},
+                                          {"a": {"a": 3.0, "b": 1.0}, "b": {"a": 0.0, "b": 1.0}}])
+                for ref, row in rows.items() for cand, r in row.items()]
+    table = DemoPipeline.reward_table(examples)
+    assert table["a"] == {"a": 2.0, "b": 0.5, "same first": 1.0, "prompts": 2}
+    assert table["b"] == {"a": 1.0, "b": 1.0, "same first": 0.5, "prompts": 2}

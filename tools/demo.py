@@ -3,9 +3,10 @@
 
     python tools/demo.py [--workdir runs/demo]
 
-corpus (Python standard library text) -> tokenizer -> policy pool (tiny Llama LMs) ->
-sampling -> build_triplets -> POLAR pre-training -> ranked SFT -> evaluation -> HF export ->
-scoring with the exported model. Finished stages are reused on a re-run (docs/demo.md).
+corpus (docstrings, Python and C++ from the sources of the pinned torch and megatron-core)
+-> tokenizer -> policy pool (tiny Llama LMs) and base LM -> sampling -> build_triplets ->
+POLAR pre-training -> ranked SFT -> evaluation -> HF export -> scoring with the exported model.
+Finished stages are reused on a re-run (docs/demo.md).
 """
 
 import argparse
@@ -23,6 +24,12 @@ def main(argv=None):
     p.add_argument("--num-prompts", type=int, default=None, help="corpus prompts to sample")
     p.add_argument("--pretrain-iters", type=int, default=None)
     p.add_argument("--sft-iters", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of everything: policies, base LM, prompts, sampling, training "
+                        "(default 1234; docs/demo.md lists three seeds' results)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for the pool, base LM and sampling (default 2; results do "
+                        "not depend on it)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,7 +44,7 @@ def main(argv=None):
     from megatron_polar.demo.report import plot_curves, summary_text
 
     cfg = DemoConfig(workdir=args.workdir)
-    for name in ("num_prompts", "pretrain_iters", "sft_iters"):
+    for name in ("num_prompts", "pretrain_iters", "sft_iters", "seed", "workers"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     report = DemoPipeline(cfg).run()

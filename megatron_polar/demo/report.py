@@ -14,8 +14,9 @@ def summary_text(report: dict, held_out: tuple[str, ...]) -> str:
     pool = report["pool"]
     lines = [
         "POLAR demo report",
-        f"  corpus: {report['corpus']['characters']['prose']:,} chars of prose, "
-        f"{report['corpus']['characters']['code']:,} of code (Python standard library)",
+        "  corpus: " + ", ".join(f"{n:,} chars of {kind}" for kind, n in
+                                 report["corpus"]["characters"].items())
+        + f" (torch and megatron-core sources, digest {report['corpus'].get('sha256', '?')})",
         f"  pool: {len(pool['policies'])} policies ({', '.join(pool['policies'])}); "
         f"held out: {', '.join(held_out)}",
         f"  sampling: {s['trajectories']:,} trajectories, {s['tokens_generated']:,} new tokens, "
@@ -32,12 +33,30 @@ def summary_text(report: dict, held_out: tuple[str, ...]) -> str:
                         ("sft", "after SFT")):
         lines.append(f"    {label:<20} {_acc(ev[name], 'discrimination'):.3f}   "
                      f"preference (paper protocol) {_acc(ev[name], 'preference'):.3f}")
+        if name != "initial":
+            per = ev[name]["discrimination"].get("policies", {})
+            lines.append("      per reference policy: " + ", ".join(
+                f"{p} {a['accuracy']:.3f}" for p, a in per.items()))
+            pairs = ev[name]["discrimination"].get("pairs", {})
+            lines.append("      per pair (reference vs rejected): " + ", ".join(
+                f"{p} {a['accuracy']:.3f}" for p, a in pairs.items()))
     lines.append("")
-    lines.append("  scored with the exported HF model (reference from "
-                 f"{held_out[-1]}):")
-    for e in report["export"]["examples"]:
-        lines.append(f"    {e['id']:<28} reward {e['reward']:+.3f}")
+    table = report["export"]["reward_table"]
+    policies = list(table)
+    first = next(iter(table.values()))
+    lines.append(f"  scored with the exported HF model on {first['prompts']} held-out prompts "
+                 "(mean reward; rows: the reference's policy):")
+    lines.append("    " + " " * 14 + "".join(f"{p:>12}" for p in policies)
+                 + "   own policy ranked first")
+    for ref in policies:
+        lines.append(f"    {ref:<14}" + "".join(f"{table[ref][p]:>+12.3f}" for p in policies)
+                     + f"   {table[ref]['same first']:.0%}")
     lines.append(f"  HF export: {report['export']['hf_dir']}")
+    seconds = [(k, report[k].get("seconds")) for k in ("corpus", "tokenizer", "pool", "sampling",
+                                                        "datasets", "pretrain", "sft",
+                                                        "evaluate", "export")]
+    lines.append("  stage seconds (pool and base LM side by side): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in seconds if v is not None))
     return "\n".join(lines)
 
 
