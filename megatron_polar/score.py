@@ -8,7 +8,7 @@
 Each input line is a JSON object with `prompt`, `reference` and `candidate` (or `output`, as
 POLAR's own client calls it; strings or chat message lists, as in training data), optional
 `wrapper` ("sft" or "pretrain") and `id`. Each output line is `{"line": N, "id": ..., "reward":
-R}` in input order. The sequence is built exactly as training builds it (POLAR-SPEC.md); the
+R}` in input order. The sequence is built exactly as training builds it (docs/format.md); the
 model runs through megatron-core at any TP/PP, from a megatron checkpoint or from an HF
 directory (imported on the fly, so scoring an exported model checks the conversion both ways).
 """

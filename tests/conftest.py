@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from megatron_polar.training.parallel import free_port
+from megatron_polar.runtime.parallel import free_port
 
 # megatron-core warns at import that apex/TE are absent; that is the expected CPU setup.
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|apex|TE).*")
@@ -15,7 +15,7 @@ def ctx1():
     import torch
 
     from megatron_polar.model.config import ModelRunConfig
-    from megatron_polar.training.parallel import initialize_parallel
+    from megatron_polar.runtime.parallel import initialize_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1")
@@ -31,7 +31,7 @@ def data(tmp_path_factory):
     from megatron_polar.data.build import BuildConfig, build_triplets
     from tests.test_build_triplets import good_records, write_jsonl
     from tests.test_trainer import train
-    from tests.tokenizer_fixture import make_sentencepiece
+    from megatron_polar.testing.tokenizers import make_sentencepiece
 
     root = tmp_path_factory.mktemp("train")
     tok = str(make_sentencepiece(root))

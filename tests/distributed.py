@@ -7,7 +7,7 @@ import traceback
 
 import torch.multiprocessing as mp
 
-from megatron_polar.training.parallel import free_port
+from megatron_polar.runtime.parallel import free_port
 
 
 def _worker(rank, world_size, port, fn, args, errors):
@@ -22,7 +22,7 @@ def _worker(rank, world_size, port, fn, args, errors):
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
     finally:
-        from megatron_polar.training.parallel import destroy_parallel
+        from megatron_polar.runtime.parallel import destroy_parallel
 
         destroy_parallel()
 

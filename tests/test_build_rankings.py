@@ -17,7 +17,7 @@ from megatron_polar.data.dataset import TripletDataset
 from megatron_polar.data.encoding import TripletEncoder
 from megatron_polar.data.merge import merge_triplets
 from megatron_polar.data.tokenizer import PolarTokenizer
-from tests.tokenizer_fixture import make_sentencepiece, sample_text
+from megatron_polar.testing.tokenizers import make_sentencepiece, sample_text
 
 ROOT = Path(__file__).resolve().parents[1]
 # As a user runs it: no torchrun variables (the test process may have its own group's).

@@ -14,7 +14,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_polar.data.build import BuildConfig, BuildError, build_triplets, output_paths
 from megatron_polar.data.encoding import TripletEncoder
 from megatron_polar.data.tokenizer import PolarTokenizer
-from tests.tokenizer_fixture import make_sentencepiece, sample_text
+from megatron_polar.testing.tokenizers import make_sentencepiece, sample_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,3 +230,21 @@ def test_fuzzed_lines_are_written_or_rejected_never_lost(tmp_path, tok_path, see
     assert all(json.loads(r)["where"].startswith(f"{src}:") and json.loads(r)["reason"]
                for r in rejected)
     assert len(IndexedDataset(str(tmp_path / "out"))) == 2 * summary.written
+
+
+def test_merge_sums_the_special_text_count(tmp_path, tok_path):
+    from megatron_polar.data.merge import merge_triplets
+
+    tok = PolarTokenizer(tok_path)
+    special = sorted(tok.special_texts)[0]  # the text of one special token, e.g. "</s>"
+    parts = []
+    for name, n in (("a", 2), ("b", 3)):
+        records = good_records(6)
+        for r in records[:n]:
+            r["chosen"] = f"strike {special} through"
+        src = write_jsonl(tmp_path / f"{name}.jsonl", records)
+        summary = build_triplets(BuildConfig([src], str(tmp_path / name), tok_path),
+                                 progress=False)
+        assert summary.special_text_lines == n
+        parts.append(str(tmp_path / name))
+    assert merge_triplets(parts, str(tmp_path / "m"))["special_text_lines"] == 5

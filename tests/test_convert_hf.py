@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from megatron_polar.convert.hf_files import HFWeightReader
-from megatron_polar.convert.synthetic import write_random_internlm2
+from megatron_polar.testing.hf_checkpoints import write_random_internlm2
 from megatron_polar.data.tokenizer import PolarTokenizer
 from megatron_polar.model.presets import get_preset
-from tests.tokenizer_fixture import make_sentencepiece
+from megatron_polar.testing.tokenizers import make_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items()
@@ -196,9 +196,9 @@ RESAVE = """
 import sys
 from megatron_polar.model.config import ModelRunConfig
 from megatron_polar.model.presets import get_preset
-from megatron_polar.training.checkpointing import load_model_weights, save_model_weights
-from megatron_polar.training.parallel import initialize_parallel
-from megatron_polar.training.step import build_model_chunks
+from megatron_polar.runtime.checkpoints import load_model_weights, save_model_weights
+from megatron_polar.runtime.parallel import initialize_parallel
+from megatron_polar.runtime.chunks import build_model_chunks
 if __name__ == "__main__":  # dist_checkpointing starts a multiprocessing manager
     src, dst, tp, pp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     run = ModelRunConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)

@@ -13,7 +13,7 @@ from megatron_polar.data.packing import best_fit_decreasing
 from megatron_polar.data.sampler import PackingSampler, deal_to_ranks
 from megatron_polar.data.tokenizer import PolarTokenizer
 from tests.test_build_triplets import good_records, write_jsonl
-from tests.tokenizer_fixture import make_sentencepiece
+from megatron_polar.testing.tokenizers import make_sentencepiece
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_polar.data.encoding import EncodingConfig, RecordError, TripletEncoder
 from megatron_polar.data.tokenizer import PolarTokenizer
-from tests.tokenizer_fixture import make_sentencepiece, sentencepiece_model_pb2
+from megatron_polar.testing.tokenizers import make_sentencepiece, sentencepiece_model_pb2
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_hf_tokenizer_directory(tmp_path):
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tests.tokenizer_fixture import WORDS
+    from megatron_polar.testing.tokenizers import WORDS
 
     hf = Tokenizer(models.BPE(unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -176,7 +176,7 @@ def train_sp(directory, **options):
 
     import sentencepiece as spm
 
-    from tests.tokenizer_fixture import sample_text
+    from megatron_polar.testing.tokenizers import sample_text
 
     rng = random.Random(0)
     lines = [sample_text(rng, rng.randint(3, 20)) + rng.choice([".", "?", "!", "\n1+1=2"])

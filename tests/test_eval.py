@@ -13,7 +13,7 @@ import pytest
 from megatron_polar.data.encoding import field_text
 from megatron_polar.eval.discrimination import discrimination_accuracy, load_policy_triplets
 from megatron_polar.eval.preference import EvalInputError, preference_accuracy, read_ranked
-from tests.tokenizer_fixture import make_sentencepiece
+from megatron_polar.testing.tokenizers import make_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items()
@@ -215,7 +215,7 @@ def tiny(tmp_path_factory):
     from megatron_polar.data.tokenizer import copy_tokenizer
     from megatron_polar.eval.scorer import RewardScorer
     from megatron_polar.model.presets import MODEL_FILE
-    from megatron_polar.training.checkpointing import save_model_weights
+    from megatron_polar.runtime.checkpoints import save_model_weights
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("eval")

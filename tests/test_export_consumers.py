@@ -22,12 +22,12 @@ import torch
 from megatron_polar.convert import remote_code
 from megatron_polar.convert.hf_config import ConversionError
 from megatron_polar.convert.hf_files import HFWeightReader
-from megatron_polar.convert.synthetic import write_random_internlm2
+from megatron_polar.testing.hf_checkpoints import write_random_internlm2
 from megatron_polar.data.tokenizer import PolarTokenizer
 from megatron_polar.model.presets import get_preset
 from tests.released_polar import run_released, xtuner_dir
 from tests.test_convert_hf import RECORDS, convert_cli
-from tests.tokenizer_fixture import make_sentencepiece
+from megatron_polar.testing.tokenizers import make_sentencepiece
 
 
 def all_tensors(directory) -> dict:

@@ -116,7 +116,7 @@ def test_bucketed_flex_equals_per_sequence_sdpa_random_packs(monkeypatch):
         cu, total = random_pack(gen, max_docs=4, max_len=200, max_pad=300)
         q = torch.randn(1, heads, total, d, generator=gen)
         k, v = (torch.randn(1, groups, total, d, generator=gen) for _ in range(2))
-        flex = attention._flex_document_attention(q, k, v, cu, d ** -0.5, True, compile=False)
+        flex = attention.flex_document_attention(q, k, v, cu, d ** -0.5, True, compile=False)
         dense = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(cu, total),
                                                enable_gqa=True, scale=d ** -0.5)
         assert torch.allclose(flex, dense, atol=1e-5)
@@ -163,7 +163,7 @@ def test_compiled_variants_are_bounded_by_buckets(monkeypatch):
         for total in totals:
             q, k, v = (torch.randn(1, 1, total, 8) for _ in range(3))
             cu = torch.tensor([0, total // 3, total - 5], dtype=torch.int32)
-            out = attention._flex_document_attention(q, k, v, cu, 8 ** -0.5, False, compile=True)
+            out = attention.flex_document_attention(q, k, v, cu, 8 ** -0.5, False, compile=True)
             assert out.shape == q.shape
     finally:
         torch._dynamo.reset()
@@ -178,7 +178,8 @@ def test_model_builds_the_mask_once_per_micro_batch(ctx1, monkeypatch):
     from megatron_polar.data.packing import pack_pairs
     from megatron_polar.model.config import ModelRunConfig
     from megatron_polar.model.presets import get_preset
-    from megatron_polar.training.step import build_model_chunks, score_packed
+    from megatron_polar.runtime.chunks import build_model_chunks
+    from megatron_polar.runtime.schedules import score_packed
     from tests.test_parallel_parity_tiny import fixed_pairs
 
     preset = get_preset("tiny")

@@ -57,7 +57,7 @@ def gpu_check(*args, timeout=300):
     ("NVIDIA GeForce RTX 4090", None),
 ])
 def test_peak_tflops_from_device_name(monkeypatch, name, peak):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(flops, "on_gpu", lambda: True)  # as if the run had chosen a GPU
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: name)
     assert flops.peak_tflops_of_this_gpu() == peak
     assert flops.peak_tflops_for_device_name(name) == peak
@@ -70,7 +70,7 @@ def test_most_specific_key_wins_and_h20_is_not_h200():
 
 
 def test_no_peak_without_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(flops, "on_gpu", lambda: False)
     assert flops.peak_tflops_of_this_gpu() is None
 
 
@@ -198,7 +198,8 @@ def test_weights_map_by_checkpoint_key_and_gradients_compare(ctx1):
     from megatron_polar.model.presets import get_preset
     from megatron_polar.training.gpu_check import (Findings, compare_gradients, copy_weights,
                                                    keyed_tensors, loss_gradients)
-    from megatron_polar.training.step import build_model_chunks, score_packed
+    from megatron_polar.runtime.chunks import build_model_chunks
+    from megatron_polar.runtime.schedules import score_packed
     from tests.test_parallel_parity_tiny import fixed_pairs
 
     preset = get_preset("tiny")
@@ -261,13 +262,13 @@ def test_gpu_only_items_run_their_comparisons(ctx1, tmp_path, monkeypatch):
 # -- the checkpoint item at DP=2 (gloo) --------------------------------------------------------
 
 def _checkpoint_item_two_ways(out_dir):
-    import megatron_polar.training.step as step
+    import megatron_polar.runtime.schedules as schedules
     from megatron_polar.training.gpu_check import main
 
     args = ["--allow-cpu", "--model-preset", "tiny", "--checks", "checkpoint_after_overlap"]
     assert main(args + ["--report", str(Path(out_dir) / "synced.json")]) == 0
     # Without the forced all-gather, the save races megatron's deferred parameter gather.
-    step.sync_params = lambda chunks: None
+    schedules.sync_params = lambda chunks: None
     assert main(args + ["--report", str(Path(out_dir) / "unsynced.json")]) == 1
 
 

@@ -2,7 +2,7 @@
 
 Bounded in steps, not seconds: a busy machine makes it slower, not wrong."""
 
-from megatron_polar.training.synthetic_run import SyntheticRunConfig, run_synthetic
+from megatron_polar.testing.synthetic_run import SyntheticRunConfig, run_synthetic
 
 
 def test_tiny_learns_held_out_policy_discrimination(ctx1):

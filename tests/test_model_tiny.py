@@ -9,7 +9,8 @@ from megatron_polar.model.attention import block_causal_mask
 from megatron_polar.model.config import ModelRunConfig, build_transformer_config
 from megatron_polar.model.presets import PRESETS, get_preset
 from megatron_polar.model.reward_model import RewardHead
-from megatron_polar.training.step import build_model_chunks, score_packed, score_padded, unwrap
+from megatron_polar.runtime.chunks import build_model_chunks, unwrap
+from megatron_polar.runtime.schedules import score_packed, score_padded
 from tests.test_parallel_parity_tiny import fixed_pairs
 
 
@@ -138,13 +139,13 @@ def test_per_sequence_attention_equals_dense_block_mask():
 
 def test_flex_document_mask_equals_dense_block_mask():
     """The CUDA path's flex_attention mask (run by flex's eager reference here)."""
-    from megatron_polar.model.attention import _flex_document_attention
+    from megatron_polar.model.attention import flex_document_attention
 
     torch.manual_seed(1)
     t, heads, groups, d = 40, 4, 2, 16
     q, k, v = torch.randn(1, heads, t, d), torch.randn(1, groups, t, d), torch.randn(1, groups, t, d)
     cu = torch.tensor([0, 5, 6, 14, 33], dtype=torch.int32)
-    out = _flex_document_attention(q, k, v, cu, d ** -0.5, True, compile=False)
+    out = flex_document_attention(q, k, v, cu, d ** -0.5, True, compile=False)
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(cu, t),
                                            enable_gqa=True, scale=d ** -0.5)
     assert torch.allclose(out, dense, atol=1e-5)

@@ -47,10 +47,11 @@ def layout_run(tp, pp, dp, out_dir, init_dir, save_init, vpp=None, distributed_o
     from megatron_polar.data.packing import pack_pairs
     from megatron_polar.model.config import ModelRunConfig
     from megatron_polar.model.presets import get_preset
-    from megatron_polar.training.checkpointing import load_model_weights, save_model_weights
-    from megatron_polar.training.parallel import initialize_parallel
-    from megatron_polar.training.step import (build_model_chunks, build_optimizer, score_packed,
-                                              train_step)
+    from megatron_polar.runtime.checkpoints import load_model_weights, save_model_weights
+    from megatron_polar.runtime.parallel import initialize_parallel
+    from megatron_polar.runtime.chunks import build_model_chunks
+    from megatron_polar.runtime.schedules import score_packed
+    from megatron_polar.training.step import build_optimizer, train_step
 
     preset = get_preset(PRESET)
     from megatron.core.distributed import DistributedDataParallelConfig
@@ -85,9 +86,9 @@ def layout_run(tp, pp, dp, out_dir, init_dir, save_init, vpp=None, distributed_o
 def read_weights(ckpt_dir, out_file):
     from megatron_polar.model.config import ModelRunConfig
     from megatron_polar.model.presets import get_preset
-    from megatron_polar.training.checkpointing import load_model_weights
-    from megatron_polar.training.parallel import initialize_parallel
-    from megatron_polar.training.step import build_model_chunks, unwrap
+    from megatron_polar.runtime.checkpoints import load_model_weights
+    from megatron_polar.runtime.parallel import initialize_parallel
+    from megatron_polar.runtime.chunks import build_model_chunks, unwrap
 
     run = ModelRunConfig()
     ctx = initialize_parallel(run)

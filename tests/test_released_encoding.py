@@ -21,7 +21,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_polar.data.build import BuildConfig, build_triplets, output_paths
 from megatron_polar.data.tokenizer import PolarTokenizer
 from tests.released_polar import run_released, xtuner_dir
-from tests.tokenizer_fixture import make_sentencepiece
+from megatron_polar.testing.tokenizers import make_sentencepiece
 
 SPECIAL = ["<s>", "</s>", "<unk>", "<|reward|>", "[UNUSED_TOKEN_130]"]
 BITS = ["the", "cat", "sat on", "policy", "model", "reward", "mat", " ", "  ", "   ", "\t",

@@ -14,7 +14,7 @@ import pytest
 from megatron_polar.data import rlhf_prompts
 from megatron_polar.data.rlhf_prompts import (chat_template_formatter, make_rlhf_prompts,
                                               prefix_texts, template_formatter, validation_size)
-from tests.tokenizer_fixture import make_sentencepiece, sample_text
+from megatron_polar.testing.tokenizers import make_sentencepiece, sample_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [

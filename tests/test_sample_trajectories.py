@@ -24,7 +24,7 @@ from megatron_polar.generation.sampler import (SamplingConfig, SamplingError,
                                                continuation_decoder, run_sampling)
 from megatron_polar.generation.truncation import (cut_incomplete_tail, cut_loop, find_loop,
                                                   truncate)
-from tests.tokenizer_fixture import make_sentencepiece, sample_text
+from megatron_polar.testing.tokenizers import make_sentencepiece, sample_text
 
 ROOT = Path(__file__).resolve().parents[1]
 # As a user runs the tool: no torchrun variables (the test process may carry its own group's).

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.tokenizer_fixture import make_sentencepiece
+from megatron_polar.testing.tokenizers import make_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def served(tmp_path_factory, ctx1):
     from megatron_polar.model.presets import MODEL_FILE
     from megatron_polar.serving.__main__ import build_parser
     from megatron_polar.serving.server import build_server
-    from megatron_polar.training.checkpointing import save_model_weights
+    from megatron_polar.runtime.checkpoints import save_model_weights
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("serving")
@@ -177,7 +177,7 @@ def _polar_string(served, i, resp):
 
 
 def test_critic_infer_train_save(served, communicator):
-    from megatron_polar.training.checkpointing import load_model_weights
+    from megatron_polar.runtime.checkpoints import load_model_weights
 
     tokens, lengths = rollouts(served["tok"], PAIRS[:4])
     out = communicator.send_data_to_server("critic_infer", {

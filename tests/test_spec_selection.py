@@ -44,7 +44,7 @@ def test_fp8_settings_are_validated():
 
 
 def test_this_machine_fp8_build_fails_before_any_model_is_made(ctx1):
-    from megatron_polar.training.step import build_model_chunks
+    from megatron_polar.runtime.chunks import build_model_chunks
 
     assert not transformer_engine_available()  # CPU CI has no TE
     run = ModelRunConfig(fp8=FP8Config(format="hybrid"))
@@ -85,7 +85,7 @@ def test_context_parallelism_is_refused_with_or_without_te(te, cuda, impl):
 
 
 def test_this_machine_refuses_context_parallelism_before_any_model_is_made(ctx1):
-    from megatron_polar.training.step import build_model_chunks
+    from megatron_polar.runtime.chunks import build_model_chunks
 
     with pytest.raises(NotImplementedError, match="context-parallel-size 2"):
         build_model_chunks(get_preset("tiny"), ModelRunConfig(context_parallel_size=2), ctx1)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_polar.training.checkpointing import LATEST
-from tests.tokenizer_fixture import make_sentencepiece
+from megatron_polar.runtime.checkpoints import LATEST
+from megatron_polar.testing.tokenizers import make_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron_polar.data.build import BuildConfig, build_triplets
-from megatron_polar.training.checkpointing import LATEST
+from megatron_polar.runtime.checkpoints import LATEST
 from tests.test_build_triplets import good_records, write_jsonl
 from tests.test_trainer import ENV, ROOT, base_args, losses, records, train
 

@@ -97,7 +97,8 @@ def build(preset, run, ctx, bf16: bool, distributed_optimizer: bool):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_polar.training.step import build_model_chunks, build_optimizer
+    from megatron_polar.runtime.chunks import build_model_chunks
+    from megatron_polar.training.step import build_optimizer
 
     ddp = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=True, overlap_param_gather=True,
@@ -113,7 +114,7 @@ def build(preset, run, ctx, bf16: bool, distributed_optimizer: bool):
 
 
 def model_snapshot(chunks) -> dict:
-    from megatron_polar.training.step import unwrap
+    from megatron_polar.runtime.chunks import unwrap
 
     return {f"{i}.{k}": v.detach().clone() for i, c in enumerate(chunks)
             for k, v in unwrap(c).state_dict().items() if hasattr(v, "detach")}
@@ -148,9 +149,10 @@ def bench_format(fmt, args, preset, run, ctx) -> dict:
     import torch
 
     from megatron_polar.data.packing import pack_pairs
+    from megatron_polar.runtime.schedules import sync_params
     from megatron_polar.training.checkpointing import (CheckpointWriter, load_checkpoint,
                                                        training_state_dict)
-    from megatron_polar.training.step import sync_params, train_step
+    from megatron_polar.training.step import train_step
 
     rank = torch.distributed.get_rank()
     save_dir = Path(args.dir) / f"{fmt}{'-bf16' if args.bf16 else ''}"
@@ -239,7 +241,7 @@ def main(argv=None):
 
     from megatron_polar.model.config import ModelRunConfig
     from megatron_polar.model.presets import get_preset
-    from megatron_polar.training.parallel import destroy_parallel, initialize_parallel
+    from megatron_polar.runtime.parallel import destroy_parallel, initialize_parallel
 
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))

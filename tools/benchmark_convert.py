@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         # In a child process, so that this one stays small while it watches the conversions.
         subprocess.run([sys.executable, "-c", (
             "import sys, torch; sys.path.insert(0, sys.argv[1]); "
-            "from megatron_polar.convert.synthetic import write_random_internlm2 as w; "
+            "from megatron_polar.testing.hf_checkpoints import write_random_internlm2 as w; "
             "from megatron_polar.model.presets import get_preset; "
             "w(sys.argv[2], get_preset(sys.argv[3]), reward=False, dtype=torch.bfloat16, "
             "max_shard_bytes=int(float(sys.argv[4])))"),
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
 
 def write_tokenizer(work: Path) -> Path:
     """A small sentencepiece model (import checks that the tokenizer fits the model)."""
-    from megatron_polar.data.benchmark import train_tokenizer
+    from megatron_polar.testing.data_benchmark import train_tokenizer
 
     directory = work / "tok"
     directory.mkdir(exist_ok=True)

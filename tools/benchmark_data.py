@@ -18,7 +18,7 @@ def main(argv=None):
                    help="a Megatron-LM checkout: also time its tools/preprocess_data.py on the "
                         "same records and tokenizer")
     args = p.parse_args(argv)
-    from megatron_polar.data.benchmark import run_all
+    from megatron_polar.testing.data_benchmark import run_all
 
     r = run_all(args.records, args.megatron_lm)
     for b in r["build"]:

@@ -50,7 +50,7 @@ def build(args, tmp: Path):
     from megatron_polar.serving.rewards import PolarRewardService, RequestLimits
     from megatron_polar.serving.server import RewardServer
     from megatron_polar.serving.triton_models import TritonSettings
-    from tests.tokenizer_fixture import WORDS, make_sentencepiece
+    from megatron_polar.testing.tokenizers import WORDS, make_sentencepiece
 
     tok = args.tokenizer or str(make_sentencepiece(tmp))
     scorer = RewardScorer.from_init(args.model_preset, tok, seed=1,

@@ -34,8 +34,8 @@ def main(argv=None):
     args, trainer_args = p.parse_known_args(argv)
 
     from megatron_polar.model.presets import get_preset
+    from megatron_polar.testing.step_benchmark import summarize, world_layout, write_synthetic_dataset
     from megatron_polar.training.arguments import build_train_parser
-    from megatron_polar.training.benchmark import summarize, world_layout, write_synthetic_dataset
     from megatron_polar.training.trainer import main as train_main
 
     preset = get_preset(args.model_preset)

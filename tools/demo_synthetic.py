@@ -32,9 +32,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from megatron_polar.model.presets import get_preset
-    from megatron_polar.training.checkpointing import save_model_weights
-    from megatron_polar.training.parallel import destroy_parallel
-    from megatron_polar.training.synthetic_run import SyntheticRunConfig, run_synthetic
+    from megatron_polar.runtime.checkpoints import save_model_weights
+    from megatron_polar.runtime.parallel import destroy_parallel
+    from megatron_polar.testing.synthetic_run import SyntheticRunConfig, run_synthetic
 
     run = run_config_from_args(args, get_preset(args.model_preset or "tiny").num_layers)
     cfg = SyntheticRunConfig(

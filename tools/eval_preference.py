@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from megatron_polar.eval.discrimination import evaluate_discrimination, load_policy_triplets
     from megatron_polar.eval.preference import EvalInputError, evaluate_preference, read_ranked
     from megatron_polar.eval.scorer import RewardScorer, ScorerError
-    from megatron_polar.training.parallel import destroy_parallel
+    from megatron_polar.runtime.parallel import destroy_parallel
 
     start = time.perf_counter()
     try:

@@ -35,7 +35,7 @@ from megatron_polar.convert.layout import INTERNLM2, LAYOUTS, LLAMA_SEQCLS, unit
 from megatron_polar.convert.remote_code import (find_reward_remote_code,
                                                 missing_remote_code_warning, ship_remote_code)
 from megatron_polar.data.tokenizer import copy_tokenizer
-from megatron_polar.model.presets import ModelPreset, checkpoint_preset, get_preset
+from megatron_polar.model.presets import ModelPreset
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class CheckpointTensors:
     def __init__(self, directory: Path):
         from megatron.core import dist_checkpointing
 
-        from megatron_polar.training.checkpointing import weight_parts
+        from megatron_polar.runtime.checkpoints import weight_parts
 
         self.where: dict[str, Path] = {}
         self.meta = {}
@@ -86,24 +86,18 @@ class CheckpointTensors:
         return out
 
 
-def _checkpoint_dir_and_preset(ckpt: Path, preset_name: Optional[str]) -> tuple[Path, ModelPreset]:
-    from megatron_polar.training.checkpointing import CheckpointError, resolve_checkpoint_dir
+def read_checkpoint(ckpt: Path, preset_name: Optional[str],
+                    tokenizer: Optional[str | Path]) -> tuple[Path, ModelPreset, Path]:
+    """The dist checkpoint, its preset and its tokenizer, by the manifest's rules
+    (runtime/checkpoints.py)."""
+    from megatron_polar.runtime.checkpoints import CheckpointError, read_manifest
 
     try:
-        directory = resolve_checkpoint_dir(ckpt)
+        manifest = read_manifest(ckpt)
+        return (manifest.directory, manifest.preset_for(preset_name),
+                manifest.tokenizer_for(tokenizer))
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
-    recorded = checkpoint_preset(directory) or checkpoint_preset(ckpt)
-    if preset_name:
-        given = get_preset(preset_name)
-        if recorded is not None and recorded.differences(given):
-            raise ConversionError(f"{directory} was saved with preset {recorded.name}, not "
-                                  f"{given.name}")
-        return directory, given
-    if recorded is None:
-        raise ConversionError(f"{directory} records no model preset (model.json); pass "
-                              "--model-preset")
-    return directory, recorded
 
 
 def check_pad_token(preset: ModelPreset, tokenizer: Path) -> None:
@@ -136,13 +130,8 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "bf16",
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if layout not in LAYOUTS:
         raise ConversionError(f"--format must be one of {list(LAYOUTS)}, got {layout!r}")
-    directory, preset = _checkpoint_dir_and_preset(ckpt, preset_name)
+    directory, preset, tok = read_checkpoint(ckpt, preset_name, tokenizer)
     imported = directory / "hf"
-    tok = Path(tokenizer) if tokenizer else next(
-        (d / "tokenizer" for d in (directory, ckpt) if (d / "tokenizer").is_dir()), None)
-    if tok is None:
-        raise ConversionError(f"{directory} carries no tokenizer; pass --tokenizer (the one the "
-                              "model was trained with)")
     check_tokenizer(tok, preset)
     if layout == LLAMA_SEQCLS:
         check_pad_token(preset, tok)

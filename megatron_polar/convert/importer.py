@@ -32,9 +32,8 @@ from megatron_polar.convert.hf_config import (ConversionError, check_same_shape,
 from megatron_polar.convert.hf_files import HFWeightReader, copy_remote_code
 from megatron_polar.convert.layout import (HF_LM_HEAD, INTERNLM2, Unit, head_name, ignorable,
                                            units)
-from megatron_polar.data.tokenizer import copy_tokenizer
-from megatron_polar.model.presets import MODEL_FILE, ModelPreset, get_preset
-from megatron_polar.training.checkpointing import SHARDED_METADATA, WEIGHTS_INDEX
+from megatron_polar.model.presets import ModelPreset, get_preset
+from megatron_polar.runtime.checkpoints import SHARDED_METADATA, WEIGHTS_INDEX, write_manifest
 
 DEFAULT_PART_BYTES = 1 << 30
 
@@ -132,7 +131,7 @@ def single_process_groups():
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_polar.model.config import ModelRunConfig
-    from megatron_polar.training.parallel import initialize_parallel
+    from megatron_polar.runtime.parallel import initialize_parallel
 
     if not parallel_state.model_parallel_is_initialized():
         return initialize_parallel(ModelRunConfig(use_transformer_engine=False)).pg
@@ -223,7 +222,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
     if leaves:
         raise AssertionError(f"tensors not assigned to any part: {sorted(leaves)[:5]}")
 
-    (tmp / MODEL_FILE).write_text(json.dumps(preset.as_dict(), indent=2) + "\n")
+    write_manifest(tmp, preset, tok_path)
     (tmp / WEIGHTS_INDEX).write_text(json.dumps({
         "format": "megatron_polar weights in parts", "version": 1, "parts": parts,
         "dtype": str(dtype).removeprefix("torch."),
@@ -233,8 +232,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
         "layout_checked": {"tensor_model_parallel_size": tensor_parallel,
                            "pipeline_model_parallel_size": pipeline_parallel},
     }, indent=2) + "\n")
-    if tok_path is not None:
-        copy_tokenizer(tok_path, tmp / "tokenizer")
     (tmp / "hf").mkdir()
     shutil.copy2(hf_dir / "config.json", tmp / "hf" / "config.json")
     copy_remote_code(hf_dir, tmp / "hf")

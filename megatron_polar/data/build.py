@@ -101,7 +101,8 @@ def _init_worker(tokenizer: str, separator_id, reward_token_id, enc: EncodingCon
     _ENCODER = TripletEncoder(tok, enc)
 
 
-def _wrapper(record: dict) -> str:
+def record_wrapper(record: dict) -> str:
+    """The record's `wrapper` field (default "sft"), checked against WRAPPERS."""
     wrapper = record.get("wrapper", "sft")
     if not isinstance(wrapper, str):
         raise RecordError("field 'wrapper' must be a string")
@@ -112,7 +113,7 @@ def _wrapper(record: dict) -> str:
 
 def _encode_one(record: dict) -> list[list[int]]:
     return list(_ENCODER.encode(record["prompt"], record["reference"], record["chosen"],
-                                record["rejected"], _wrapper(record)))
+                                record["rejected"], record_wrapper(record)))
 
 
 def ranking_pairs(record: dict) -> list[tuple[int, int]]:
@@ -135,7 +136,7 @@ def _encode_ranking(record: dict) -> list[list[int]]:
     """s+ and s- of every triplet of a ranked record. One triplet that cannot be encoded
     rejects the whole record: a line is written or rejected as a unit, so the summary and the
     reject file stay per line and no ranking is kept in part."""
-    responses, wrapper = record["responses"], _wrapper(record)
+    responses, wrapper = record["responses"], record_wrapper(record)
     seqs = []
     for i, j in ranking_pairs(record):
         try:

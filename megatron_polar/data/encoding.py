@@ -1,4 +1,4 @@
-"""POLAR's sequence format and truncation rules (POLAR-SPEC.md), as the released trainer applies them.
+"""POLAR's sequence format and truncation (docs/format.md), as the released trainer applies them.
 
     s = [BOS] tok(p SEP ref) <|reward|> tok(p SEP cand) [REWARD]      SEP = "\\n" ("" for pretrain)
 

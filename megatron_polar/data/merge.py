@@ -39,6 +39,8 @@ def merge_triplets(prefixes: list[str], output_prefix: str) -> dict:
         for key in ("triplets", "sequences", "tokens", "input_lines", "rejected",
                     "unused_trajectories"):
             merged[key] = sum(m[key] for m in metas)
+        # counted since the encoding follows the released one; older parts lack the key
+        merged["special_text_lines"] = sum(m.get("special_text_lines", 0) for m in metas)
         merged.update(partition=[0, 1], inputs=[i for m in metas for i in m["inputs"]],
                       merged_from=[str(Path(p)) for p in prefixes])
         merged["inputs"] = list(dict.fromkeys(merged["inputs"]))

@@ -338,8 +338,9 @@ class PolarTokenizer:
     def _resolve(self, name: str, override: Optional[int], found: Optional[int]) -> int:
         value = override if override is not None else found
         if value is None or value < 0:
-            raise ValueError(f"{self.path}: no {name} in the tokenizer; pass it explicitly "
-                             f"(--{name.replace('_', '-')})")
+            how = ("set bos_token_id in the tokenizer directory's config.json" if name == "bos_id"
+                   else f"pass it explicitly (--{name.replace('_', '-')})")
+            raise ValueError(f"{self.path}: no {name} in the tokenizer; {how}")
         if not 0 <= value < self.vocab_size:
             raise ValueError(f"{self.path}: {name} {value} outside the vocabulary of {self.vocab_size}")
         return int(value)

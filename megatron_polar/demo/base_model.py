@@ -33,7 +33,7 @@ def llama_to_internlm2(llama_dir: Path, out_dir: Path, preset: ModelPreset) -> P
         q = w[src + "self_attn.q_proj.weight"].view(groups, per_group * d, -1)
         k = w[src + "self_attn.k_proj.weight"].view(groups, d, -1)
         v = w[src + "self_attn.v_proj.weight"].view(groups, d, -1)
-        # Rows per KV group g: its query heads, then k_g, then v_g (POLAR-SPEC.md).
+        # Rows per KV group g: its query heads, then k_g, then v_g (docs/export.md, "Import").
         writer.add(dst + "attention.wqkv.weight",
                    torch.cat([q, k, v], dim=1).reshape(-1, preset.hidden_size))
         writer.add(dst + "attention.wo.weight", w[src + "self_attn.o_proj.weight"])

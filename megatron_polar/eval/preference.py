@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol on ranked preference sets (POLAR-SPEC.md, "Evaluation protocol").
+"""The paper's protocol on ranked preference sets (docs/evaluation.md, "Preference sets").
 
 Each input line is a JSON object with `prompt` and `responses` ranked best first (the format
 `tools/build_triplets.py --from-rankings` reads), an optional category field (default
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from megatron_polar.data.build import _wrapper, ranking_pairs
+from megatron_polar.data.build import ranking_pairs, record_wrapper
 from megatron_polar.data.encoding import RecordError
 from megatron_polar.data.records import RANKING_FIELDS, expand_inputs, iter_lines, parse_json_object
 from megatron_polar.eval.scorer import ScoreRecord
@@ -108,7 +108,7 @@ def read_ranked(patterns: Sequence[str], category_field: str = "category") -> li
         try:
             rec = parse_json_object(line.raw, RANKING_FIELDS)
             ranking_pairs(rec)  # the responses list: >= 3, each a string or message list
-            wrapper = _wrapper(rec)
+            wrapper = record_wrapper(rec)
             category = rec.get(category_field)
             if category is None:
                 category = UNCATEGORIZED

@@ -30,7 +30,7 @@ from megatron_polar.data.encoding import EncodingConfig, RecordError, TripletEnc
 if TYPE_CHECKING:  # torch and megatron-core load only once a model is built
     from megatron_polar.model.config import ModelRunConfig
     from megatron_polar.model.presets import ModelPreset
-    from megatron_polar.training.parallel import ParallelContext
+    from megatron_polar.runtime.parallel import ParallelContext
 
 # Sequences per pass through the schedule: bounds the packed tensors held at once on a large
 # evaluation set; far above what a typical scoring file holds, so that one stays one pass.
@@ -113,55 +113,27 @@ def _init_source(init_preset: str, tokenizer: Optional[str],
 def _checkpoint_source(checkpoint: Optional[str], hf: Optional[str], tmp: Path,
                        tokenizer: Optional[str], model_preset: Optional[str]) -> ModelSource:
     from megatron_polar.convert.hf_config import ConversionError
-    from megatron_polar.model.presets import checkpoint_preset, get_preset
-    from megatron_polar.training.checkpointing import CheckpointError, resolve_checkpoint_dir
+    from megatron_polar.runtime.checkpoints import CheckpointError, read_manifest
 
     try:
         if hf:
             from megatron_polar.convert.importer import import_hf
 
             import_hf(hf, tmp / "ckpt", tokenizer=tokenizer)
-            found = tmp / "ckpt"
-        else:
-            found = resolve_checkpoint_dir(checkpoint)
-        preset = get_preset(model_preset) if model_preset else checkpoint_preset(found)
+        manifest = read_manifest(tmp / "ckpt" if hf else checkpoint)
+        preset = manifest.preset_for(model_preset)
+        tok = manifest.tokenizer_for(tokenizer)
     except (ConversionError, CheckpointError, ValueError) as e:
         raise ScorerError(str(e)) from None
-    if preset is None:
-        raise ScorerError(f"{found} records no model preset; pass --model-preset")
-    tok = Path(tokenizer) if tokenizer else found / "tokenizer"
-    if not tok.exists():
-        raise ScorerError(f"{found} carries no tokenizer; pass --tokenizer")
-    return ModelSource("hf" if hf else "checkpoint", hf or checkpoint, found, preset, tok)
-
-
-def parallel_context(run: "ModelRunConfig") -> "ParallelContext":
-    """megatron's parallel state for `run`: the process's own when it is already initialised
-    at this layout (a test session, a trainer evaluating in-process), else initialised here
-    (a group of one for a plain `python`, torchrun's group otherwise). An existing state at
-    another layout is an error rather than torn down under its owner."""
-    from megatron.core import parallel_state
-
-    from megatron_polar.training.parallel import ParallelContext, initialize_parallel
-
-    if not parallel_state.model_parallel_is_initialized():
-        return initialize_parallel(run)
-    ctx = ParallelContext.from_mpu(parallel_state.get_virtual_pipeline_model_parallel_world_size())
-    have = (ctx.tp_size, ctx.pp_size, ctx.vp_size)
-    want = (run.tensor_model_parallel_size, run.pipeline_model_parallel_size,
-            run.virtual_pipeline_model_parallel_size)
-    if have != want:
-        raise ScorerError(f"megatron's parallel state is already initialised at TP={have[0]} "
-                          f"PP={have[1]} VPP={have[2]}; the scorer was asked for TP={want[0]} "
-                          f"PP={want[1]} VPP={want[2]}")
-    return ctx
+    return ModelSource("hf" if hf else "checkpoint", hf or checkpoint, manifest.directory,
+                       preset, tok)
 
 
 def score_sequences(chunks, ctx, sequences: list[list[int]], token_budget: int,
                     pad_id: int) -> Optional[list[float]]:
     """Rewards of `sequences` in order (on the last pipeline stage; None elsewhere)."""
     from megatron_polar.data.packing import pack_pairs
-    from megatron_polar.training.step import score_packed
+    from megatron_polar.runtime.schedules import score_packed
 
     if not sequences:
         return []
@@ -204,9 +176,10 @@ class RewardScorer:
         """Build the model for `source` at `run`'s layout (default TP=PP=1, fp32) and load its
         weights; a source without a checkpoint is initialised with `run.seed`."""
         from megatron_polar.model.config import ModelRunConfig
-        from megatron_polar.training.checkpointing import CheckpointError, load_model_weights
-        from megatron_polar.training.parallel import seed_everything
-        from megatron_polar.training.step import build_model_chunks
+        from megatron_polar.runtime.checkpoints import CheckpointError, load_model_weights
+        from megatron_polar.runtime.chunks import build_model_chunks
+        from megatron_polar.runtime.parallel import (ParallelLayoutError, parallel_context,
+                                                     seed_everything)
 
         run = run or ModelRunConfig()
         try:
@@ -219,7 +192,10 @@ class RewardScorer:
             raise ScorerError(f"tokenizer {source.tokenizer} has {encoder.tok.vocab_size} "
                               f"tokens, more than the model's vocab_size "
                               f"{source.preset.vocab_size}")
-        ctx = parallel_context(run)
+        try:
+            ctx = parallel_context(run)
+        except ParallelLayoutError as e:
+            raise ScorerError(str(e)) from None
         if source.checkpoint is None:
             # Seeded right before the build, so the weights depend on the seed alone, not on
             # what consumed random numbers earlier in the process.
@@ -307,7 +283,7 @@ class RewardScorer:
             return rewards
         import torch
 
-        from megatron_polar.training.parallel import compute_device
+        from megatron_polar.runtime.device import compute_device
 
         t = torch.tensor(rewards if rewards is not None else [0.0] * n, dtype=torch.float64,
                          device=compute_device())

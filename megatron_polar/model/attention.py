@@ -131,7 +131,7 @@ class PackedCoreAttention(MegatronModule):
         # [t, n, hn] -> [1, n, t, hn]
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
         if q.is_cuda or FORCE_FLEX:
-            out = _flex_document_attention(q, k, v, cu, self.softmax_scale,
+            out = flex_document_attention(q, k, v, cu, self.softmax_scale,
                                            self.heads != self.groups, compile=q.is_cuda)
             return out.squeeze(0).transpose(0, 1).reshape(total, -1)
         bounds = cu.tolist()
@@ -259,7 +259,7 @@ def _build_document_block_mask(cu_seqlens: torch.Tensor, padded: int):
                                     mask_mod=mask_mod)
 
 
-def _flex_document_attention(q, k, v, cu_seqlens, scale, gqa, compile: bool = True):
+def flex_document_attention(q, k, v, cu_seqlens, scale, gqa, compile: bool = True):
     """Block-sparse causal document attention with torch's flex_attention (CUDA path).
 
     q [1, np, t, hn], k/v [1, ng, t, hn]. Runs at the `flex_bucket` length: the tail up to it is

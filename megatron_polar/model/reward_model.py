@@ -42,7 +42,9 @@ class RewardHead(MegatronModule):
 
     def __init__(self, config: TransformerConfig, tp_group, zero_init: bool = False):
         super().__init__(config=config)
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        # As megatron-core's own layers allocate (tensor_parallel/layers.py 0.16.1,
+        # ColumnParallelLinear: `use_cpu_initialization` else `torch.cuda.current_device()`).
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(
             torch.empty(1, config.hidden_size, dtype=config.params_dtype, device=device))
         if zero_init:

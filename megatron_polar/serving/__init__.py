@@ -10,4 +10,5 @@ critic.py      the PPO value model: per-token values, clipped value loss, checkp
 triton_models.py  the PyTriton models NeMo-Aligner calls
 pooling.py     the lmdeploy-style HTTP endpoint POLAR's client calls
 server.py      putting it together from the CLI flags (`__main__.py`)
+collective.py  running the served models on several ranks (TP / PP), driven by rank 0
 """

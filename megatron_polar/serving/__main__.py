@@ -94,12 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from megatron_polar.training.arguments import _yaml_defaults
+    from megatron_polar.training.arguments import yaml_defaults
 
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
-        parser.set_defaults(**_yaml_defaults(first.config, parser))
+        parser.set_defaults(**yaml_defaults(first.config, parser))
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.hf is None):
         parser.error("give the model: exactly one of --checkpoint or --hf")

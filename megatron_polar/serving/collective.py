@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from megatron_polar.training.cpu_backend import cpu_backend_thread
+from megatron_polar.runtime.cpu_backend import cpu_backend_thread
 
 log = logging.getLogger(__name__)
 _STOP = "__stop__"

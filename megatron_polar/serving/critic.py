@@ -72,7 +72,7 @@ class CriticService:
 
     def __init__(self, chunks, optimizer, ctx, config: CriticConfig, vocab_size: int,
                  collective: Optional[Collective] = None):
-        from megatron_polar.training.step import unwrap
+        from megatron_polar.runtime.chunks import unwrap
 
         if ctx.pp_size != 1 or len(chunks) != 1:
             raise ValueError("the critic runs on one pipeline stage (PP=1)")
@@ -95,10 +95,11 @@ class CriticService:
         resumed from a critic checkpoint this class saved."""
         from megatron.core.optimizer import OptimizerConfig
 
-        from megatron_polar.eval.scorer import parallel_context
-        from megatron_polar.training.checkpointing import (load_checkpoint, load_model_weights,
-                                                           resolve_checkpoint_dir)
-        from megatron_polar.training.step import build_model_chunks, build_optimizer
+        from megatron_polar.runtime.checkpoints import load_model_weights, resolve_checkpoint_dir
+        from megatron_polar.runtime.chunks import build_model_chunks
+        from megatron_polar.runtime.parallel import parallel_context
+        from megatron_polar.training.checkpointing import load_checkpoint
+        from megatron_polar.training.step import build_optimizer
 
         if source.checkpoint is None and load is None:
             raise ValueError("the critic starts from a trained POLAR model; give a checkpoint")
@@ -131,7 +132,7 @@ class CriticService:
 
     @torch.no_grad()
     def _values(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        from megatron_polar.training.parallel import compute_device
+        from megatron_polar.runtime.device import compute_device
 
         device = compute_device()
         t = torch.as_tensor(tokens, dtype=torch.long, device=device)
@@ -173,7 +174,8 @@ class CriticService:
                                                      (tokens, returns, prev_values, mask)))
 
     def _train(self, tokens, returns, prev_values, mask) -> float:
-        from megatron_polar.training.step import _run_schedule, guarded_optimizer_step
+        from megatron_polar.runtime.schedules import run_schedule
+        from megatron_polar.training.step import guarded_optimizer_step
 
         cfg = self.config
         as_t = partial(torch.as_tensor, dtype=torch.float32)
@@ -189,8 +191,8 @@ class CriticService:
                 continue
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
-            outputs = _run_schedule(self.chunks, micro, forward_only=False, ctx=self.ctx,
-                                    forward_step=partial(_value_forward_step, clip=cfg.clip))
+            outputs = run_schedule(self.chunks, micro, forward_only=False, ctx=self.ctx,
+                                   forward_step=partial(_value_forward_step, clip=cfg.clip))
             total = sum(float(o["loss_sum"]) for o in outputs)
             count = sum(m.num_tokens for m in micro)
             loss = total / count
@@ -225,7 +227,7 @@ def _micro_batch(tokens, returns, prev_values, mask) -> _CriticMicroBatch:
 
 
 def _value_forward_step(data_iterator, model, clip: float):
-    from megatron_polar.training.parallel import compute_device
+    from megatron_polar.runtime.device import compute_device
 
     mb: _CriticMicroBatch = next(data_iterator)
     device = compute_device()

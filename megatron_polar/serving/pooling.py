@@ -6,8 +6,9 @@ Response: {"object": "list", "model": ..., "data": [{"index": i, "object": "pool
            "completion_tokens": 0}}
 
 Each input is a full POLAR string (`p SEP ref <|reward|> p SEP cand [UNUSED_TOKEN_130]`,
-POLAR-SPEC.md), as POLAR's `RewardModelClient` builds it; rewards come back in input order,
-and the client (server_type "lmdeploy") reads `[e["data"] for e in response["data"]]`.
+docs/format.md, "POLAR strings"), as POLAR's `RewardModelClient` builds it; rewards come
+back in input order, and the client (server_type "lmdeploy") reads
+`[e["data"] for e in response["data"]]`.
 
 The same client's default server_type "sglang" posts {"model": ..., "text": [...]} to
 `/classify` and reads `[e["embedding"][0] for e in response]`: served too, by the same model.

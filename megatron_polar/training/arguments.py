@@ -177,7 +177,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+def yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
     import yaml
 
     try:
@@ -204,7 +204,7 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     parser = build_train_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
-        parser.set_defaults(**_yaml_defaults(first.config, parser))
+        parser.set_defaults(**yaml_defaults(first.config, parser))
     args = parser.parse_args(argv)
     if isinstance(args.data_path, str):  # a single prefix written as a string in YAML
         args.data_path = args.data_path.split()

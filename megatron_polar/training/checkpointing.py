@@ -1,10 +1,11 @@
-"""Checkpoints as megatron-core distributed checkpoints, loadable at any TP/PP.
+"""Training checkpoints as megatron-core distributed checkpoints, loadable at any TP/PP.
 
 Two kinds, one format:
-- weights only (`save_model_weights` / `load_model_weights`): what HF import writes and what
-  `--pretrained-checkpoint` (or `--load` of a directory without iterations) reads. HF import
-  writes it in parts, a few layers per dist checkpoint listed in `polar_weights.json`, so that
-  it never holds the whole model; loading reads the parts one after another;
+- weights only (`save_model_weights` / `load_model_weights`, runtime/checkpoints.py): what HF
+  import writes and what `--pretrained-checkpoint` (or `--load` of a directory without
+  iterations) reads. HF import writes it in parts, a few layers per dist checkpoint listed in
+  `polar_weights.json`, so that it never holds the whole model; loading reads the parts one
+  after another;
 - training checkpoints (`save_checkpoint` / `load_checkpoint`): model, optimizer, LR scheduler,
   data-sampler state, RNG, iteration and consumed counts, in Megatron-LM's layout:
 
@@ -27,11 +28,9 @@ atomically). A crash at any point leaves the previous checkpoint as the latest; 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -41,176 +40,19 @@ import torch
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_polar.runtime.checkpoints import (ITER_DIR, LATEST, CheckpointError, barrier,
+                                                fsync_dir, model_sharded_state_dict, rank,
+                                                replace_dir)
+from megatron_polar.runtime.device import on_gpu
+
 log = logging.getLogger(__name__)
-
-LATEST = "latest_checkpointed_iteration.txt"
-WEIGHTS_INDEX = "polar_weights.json"  # a weights checkpoint written in parts
-# Per-layer checkpoint keys instead of one tensor stacked over layers: megatron-core is moving to
-# this layout (it forces it with singleton local shards), and it lets HF import and export write
-# and read a checkpoint a few layers at a time.
-SHARDED_METADATA = {"non_homogeneous_layers": True}
-ITER_DIR = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the directory."""
-
-
-def model_sharded_state_dict(chunks) -> dict:
-    from megatron_polar.training.step import unwrap
-
-    return {f"model{i}": unwrap(chunk).sharded_state_dict(metadata=dict(SHARDED_METADATA))
-            for i, chunk in enumerate(chunks)}
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rank 0 moves a finished checkpoint into place (over an older one of the same name)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def is_checkpoint_dir(path: str | os.PathLike) -> bool:
-    """True for a checkpoint directory itself (a dist checkpoint or a weights index)."""
-    path = Path(path)
-    return (path / "metadata.json").is_file() or (path / WEIGHTS_INDEX).is_file()
-
-
-def weight_parts(directory: Path) -> list[Path]:
-    """The dist checkpoints that hold a checkpoint's weights: its parts, or itself."""
-    index = Path(directory) / WEIGHTS_INDEX
-    if not index.is_file():
-        return [Path(directory)]
-    try:
-        parts = [Path(directory) / p["dir"] for p in json.loads(index.read_text())["parts"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a weights index ({e})") from None
-    missing = [str(p) for p in parts if not (p / "metadata.json").is_file()]
-    if missing:
-        raise CheckpointError(f"{index} lists parts that are missing or incomplete: {missing}")
-    return parts
-
-
-def is_training_checkpoint(directory: Path) -> bool:
-    """True for a checkpoint with training state (a trainer's iter_N), False for weights only."""
-    if (Path(directory) / WEIGHTS_INDEX).is_file():
-        return False
-    common = dist_checkpointing.load_common_state_dict(str(directory))
-    return isinstance(common, dict) and common.get("common") is not None
-
-
-# -- weights only ------------------------------------------------------------------------------
-
-def save_model_weights(chunks, directory: str | os.PathLike) -> Path:
-    """Save the model (all ranks call this). The directory appears only when complete."""
-    final = Path(directory)
-    tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp))
-    _barrier()
-    if _rank() == 0:
-        _replace_dir(tmp, final)
-    _barrier()
-    return final
-
-
-def resolve_checkpoint_dir(path: str | os.PathLike, iteration: Optional[int] = None) -> Path:
-    """A dist checkpoint directory from a run directory (its latest, or `iteration`), an
-    `iter_N` directory, or a bare checkpoint directory (e.g. written by HF import)."""
-    path = Path(path)
-    if iteration is not None:
-        found = path / f"iter_{iteration:07d}"
-    elif (path / LATEST).is_file():
-        found = path / f"iter_{int((path / LATEST).read_text().strip()):07d}"
-    else:
-        found = path
-    if not is_checkpoint_dir(found):
-        raise CheckpointError(f"{found} is not a megatron distributed checkpoint "
-                              "(no metadata.json)")
-    return found
-
-
-def load_model_weights(chunks, directory: str | os.PathLike) -> Path:
-    """Load the weights of any checkpoint of ours (weights-only or training, any TP/PP, in parts
-    or whole). Module extra state the checkpoint lacks (Transformer Engine's FP8 scales, absent
-    from checkpoints written with the local spec) is left as the modules initialised it."""
-    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, merge
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
-    from megatron_polar.training.step import unwrap
-
-    found = resolve_checkpoint_dir(directory)
-    state, wanted = {}, _leaf_keys(model_sharded_state_dict(chunks))
-    for part in weight_parts(found):  # a fresh sharded state dict each time: loading consumes it
-        keys = {v.key for v in load_sharded_metadata(str(part)).values()}
-        mine, _ = extract_matching_values(model_sharded_state_dict(chunks),
-                                          lambda x: x.key in keys)
-        wanted -= keys
-        if mine:
-            merge(state, dist_checkpointing.load(mine, str(part)))
-    missing = sorted(k for k in wanted if not k.endswith("._extra_state"))
-    if missing:
-        raise CheckpointError(f"{found} has no tensor {missing[0]}"
-                              + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    for i, chunk in enumerate(chunks):
-        result = unwrap(chunk).load_state_dict(state.get(f"model{i}", {}), strict=False)
-        bad = [k for k in result.missing_keys if not k.endswith("._extra_state")]
-        if bad or result.unexpected_keys:
-            raise CheckpointError(f"{found}: weights do not fit the model (missing {bad[:3]}, "
-                                  f"unexpected {result.unexpected_keys[:3]})")
-    return found
-
-
-def _leaf_keys(sharded: dict) -> set[str]:
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    return {leaf.key for leaf in nested_values(sharded)}
-
-
-# -- training checkpoints ------------------------------------------------------------------------
-
-def latest_iteration(save_dir: str | os.PathLike) -> Optional[int]:
-    """The iteration `latest_checkpointed_iteration.txt` names, if it names a complete one."""
-    marker = Path(save_dir) / LATEST
-    if not marker.is_file():
-        return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{marker}: expected an iteration number, found {text!r}")
-    iteration = int(text)
-    if not is_checkpoint_dir(Path(save_dir) / f"iter_{iteration:07d}"):
-        raise CheckpointError(f"{marker} names iteration {iteration}, but "
-                              f"{Path(save_dir) / f'iter_{iteration:07d}'} is not a complete "
-                              "checkpoint")
-    return iteration
-
 
 def _rng_state(ctx):
     """This rank's RNG streams, as a ShardedObject over the (PP, TP) grid (replicated over DP),
     the way Megatron-LM stores them. Only restored when the layout is unchanged."""
     state = {"random": random.getstate(), "np": np.random.get_state(),
              "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+             "cuda": torch.cuda.get_rng_state() if on_gpu() else None,
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     return ShardedObject("rng_state", state, (ctx.pp_size, ctx.tp_size),
                          (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank)
@@ -220,7 +62,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state["cuda"] is not None and on_gpu():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
@@ -326,7 +168,7 @@ def training_state_dict(chunks, optimizer, ctx, common: Optional[dict] = None,
     """The sharded state of a training checkpoint. When saving, the weights are those of the
     last optimizer step (`sync_params`: with an overlapped parameter all-gather they would
     otherwise be the step before's)."""
-    from megatron_polar.training.step import sync_params
+    from megatron_polar.runtime.schedules import sync_params
 
     if not is_loading:
         sync_params(chunks)
@@ -379,12 +221,12 @@ class CheckpointWriter:
         final = self.save_dir / f"iter_{iteration:07d}"
         tmp = final.with_name(final.name + ".tmp")
         self.wait()  # one checkpoint in flight at a time
-        if _rank() == 0:
+        if rank() == 0:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.save_dir.glob("iter_*.tmp"):  # left by an earlier crash
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
-        _barrier()
+        barrier()
         strategy = _save_strategy(self.parallelization_group)
         if self.async_queue is None:
             dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
@@ -405,20 +247,20 @@ class CheckpointWriter:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     def _publish(self, iteration: int, tmp: Path, final: Path) -> None:
-        _barrier()  # every rank's shards are on disk
+        barrier()  # every rank's shards are on disk
         if self.fault_hook is not None:
             self.fault_hook("before_publish", iteration)
-        if _rank() == 0:
+        if rank() == 0:
             if self.describe is not None:
                 self.describe(tmp)
-            _replace_dir(tmp, final)
-            _fsync_dir(self.save_dir)
+            replace_dir(tmp, final)
+            fsync_dir(self.save_dir)
             marker_tmp = self.save_dir / (LATEST + ".tmp")
             marker_tmp.write_text(f"{iteration}\n")
             os.replace(marker_tmp, self.save_dir / LATEST)
-            _fsync_dir(self.save_dir)
+            fsync_dir(self.save_dir)
             self._prune(iteration)
-        _barrier()
+        barrier()
         log.info("saved checkpoint %s", final)
 
     def _prune(self, newest: int) -> None:
@@ -460,7 +302,7 @@ def load_checkpoint(directory: Path, chunks, optimizer, ctx, load_optimizer: boo
     RNG streams are restored only when the TP/PP layout is the one that saved them (Megatron-LM
     does the same); the optimizer is resharded to the current layout by megatron-core.
     """
-    from megatron_polar.training.step import unwrap
+    from megatron_polar.runtime.chunks import unwrap
 
     common = dist_checkpointing.load_common_state_dict(str(directory)).get("common")
     if common is None:

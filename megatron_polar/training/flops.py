@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 
 from megatron_polar.model.presets import ModelPreset
+from megatron_polar.runtime.device import on_gpu
 
 # Dense bf16 tensor-core peak TFLOP/s per GPU (vendor datasheet figures without sparsity,
 # i.e. half the "with sparsity" number). A key matches a device name when each of its words
@@ -80,6 +81,6 @@ def peak_tflops_for_device_name(name: str) -> float | None:
 
 def peak_tflops_of_this_gpu() -> float | None:
     """Dense bf16 peak of the local GPU if it is one we know, else None."""
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return None
     return peak_tflops_for_device_name(torch.cuda.get_device_name())

@@ -8,7 +8,7 @@ non-zero when an item failed.
                             and weight gradients, fp32 and bf16 (TE only)
   packed_vs_unpacked        rewards of sequences packed in one THD micro-batch = each scored alone
                             (as a pack of one, and padded), per spec and dtype
-  flex_attention            the local spec's CUDA attention (`_flex_document_attention`) vs
+  flex_attention            the local spec's CUDA attention (`flex_document_attention`) vs
                             per-sequence attention, forward and backward, against an fp64 truth
   fp8_step                  train steps with FP8 (TE, sm90+) vs bf16 on the same batch and weights
   checkpoint_after_overlap  distributed optimizer with overlapped grad reduce / param gather:
@@ -186,7 +186,7 @@ class CheckEnv:
 
     @property
     def device(self) -> torch.device:
-        from megatron_polar.training.parallel import compute_device
+        from megatron_polar.runtime.device import compute_device
 
         return compute_device()
 
@@ -290,7 +290,7 @@ def build(env: CheckEnv, preset, *, bf16: bool, use_te: bool, fp8: Optional[tupl
     """Model chunks of `preset` through the trainer's own builder (`build_model_chunks`);
     `run_fields` are further ModelRunConfig fields (the parallel layout of tp_comm_overlap)."""
     from megatron_polar.model.config import FP8Config, ModelRunConfig
-    from megatron_polar.training.step import build_model_chunks
+    from megatron_polar.runtime.chunks import build_model_chunks
 
     fp8_config = FP8Config(format=fp8[0], recipe=fp8[1]) if fp8 else FP8Config()
     run = ModelRunConfig(bf16=bf16, use_transformer_engine=use_te, fp8=fp8_config,
@@ -312,7 +312,7 @@ def keyed_tensors(chunks) -> dict:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    from megatron_polar.training.checkpointing import model_sharded_state_dict
+    from megatron_polar.runtime.checkpoints import model_sharded_state_dict
 
     out = {}
     for leaf in nested_values(model_sharded_state_dict(chunks)):
@@ -349,7 +349,7 @@ def loss_gradients(chunks, batch) -> dict:
     communicated, so every rank keeps its own."""
     from megatron_polar.data.packing import PackedMicroBatch
     from megatron_polar.model.reward_model import rewards_at
-    from megatron_polar.training.parallel import compute_device
+    from megatron_polar.runtime.device import compute_device
 
     chunk = chunks[0]
     device = compute_device()
@@ -411,7 +411,7 @@ def sequences(pairs) -> list:
 
 def check_te_parity(env: CheckEnv, f: Findings) -> None:
     from megatron_polar.data.packing import build_padded_batch
-    from megatron_polar.training.step import score_packed, score_padded
+    from megatron_polar.runtime.schedules import score_packed, score_padded
 
     if not env.on_gpu:
         raise SkipCheck("needs a CUDA GPU (the TE spec is only used there)")
@@ -456,7 +456,7 @@ def check_te_parity(env: CheckEnv, f: Findings) -> None:
 
 def check_packed_vs_unpacked(env: CheckEnv, f: Findings) -> None:
     from megatron_polar.data.packing import build_packed_micro_batch, build_padded_batch
-    from megatron_polar.training.step import score_packed, score_padded
+    from megatron_polar.runtime.schedules import score_packed, score_padded
 
     preset, pairs = env.check_preset, env.pairs(1)
     seqs = sequences(pairs)
@@ -526,7 +526,7 @@ def _golden_attention(q, k, v, cu_seqlens, real: int, scale: float):
 
 
 def check_flex_attention(env: CheckEnv, f: Findings) -> None:
-    from megatron_polar.model.attention import _flex_document_attention
+    from megatron_polar.model.attention import flex_document_attention
 
     preset = env.check_preset
     heads, groups, hn = preset.num_attention_heads, preset.num_query_groups, preset.head_dim
@@ -561,7 +561,7 @@ def check_flex_attention(env: CheckEnv, f: Findings) -> None:
                                torch.float64)
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         flex_out, flex_grads = run(
-            lambda q, k, v: _flex_document_attention(q, k, v, cu, scale, gqa,
+            lambda q, k, v: flex_document_attention(q, k, v, cu, scale, gqa,
                                                      compile=compiled)[:, :, :real], dtype)
         sdpa_out, sdpa_grads = run(
             lambda q, k, v: _per_sequence_attention(q, k, v, cu, real, scale, gqa), dtype)
@@ -589,8 +589,8 @@ def check_flex_attention(env: CheckEnv, f: Findings) -> None:
 def check_fp8_step(env: CheckEnv, f: Findings) -> None:
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_polar.training.step import (build_optimizer, destroy_userbuffers,
-                                              initialize_userbuffers, score_packed, train_step)
+    from megatron_polar.runtime.schedules import score_packed
+    from megatron_polar.training.step import build_optimizer, train_step
 
     if not env.on_gpu:
         raise SkipCheck("needs a CUDA GPU with Transformer Engine")
@@ -684,8 +684,9 @@ def check_checkpoint_after_overlap(env: CheckEnv, f: Findings) -> None:
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_polar.training.checkpointing import load_model_weights, save_model_weights
-    from megatron_polar.training.step import build_optimizer, score_packed, sync_params, train_step
+    from megatron_polar.runtime.checkpoints import load_model_weights, save_model_weights
+    from megatron_polar.runtime.schedules import score_packed, sync_params
+    from megatron_polar.training.step import build_optimizer, train_step
 
     ctx, preset = env.ctx, env.check_preset
     ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True,
@@ -767,7 +768,9 @@ def check_checkpoint_after_overlap(env: CheckEnv, f: Findings) -> None:
 def check_tp_comm_overlap(env: CheckEnv, f: Findings) -> None:
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_polar.training.step import build_optimizer, score_packed, train_step
+    from megatron_polar.runtime.schedules import score_packed
+    from megatron_polar.training.step import (build_optimizer, destroy_userbuffers,
+                                              initialize_userbuffers, train_step)
 
     ctx, tp = env.ctx, env.ctx.tp_size
     missing = [what for what, ok in (
@@ -834,7 +837,7 @@ def check_tp_comm_overlap(env: CheckEnv, f: Findings) -> None:
 
 def synthetic_pack(g: torch.Generator, preset, budget: int):
     """One pack of whole random pairs filling `budget` tokens, padded to exactly `budget`.
-    Length mix of tools/benchmark_step.py (megatron_polar/training/benchmark.py): prompt
+    Length mix of tools/benchmark_step.py (megatron_polar/testing/step_benchmark.py): prompt
     uniform in 1..budget/16, reference and candidates uniform in 1..budget/8, each sequence
     [prompt, reference, prompt, response] plus 3 special tokens."""
     from megatron_polar.data.packing import build_packed_micro_batch
@@ -863,8 +866,9 @@ def check_throughput(env: CheckEnv, f: Findings) -> None:
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
+    from megatron_polar.runtime.chunks import unwrap
     from megatron_polar.training.flops import peak_tflops_of_this_gpu, training_flops
-    from megatron_polar.training.step import build_optimizer, train_step, unwrap
+    from megatron_polar.training.step import build_optimizer, train_step
 
     args, ctx, preset = env.args, env.ctx, env.preset
     bf16 = env.on_gpu  # bf16 is the training precision; a CPU runs it slowly (no bf16 GEMMs)
@@ -1137,7 +1141,7 @@ def main(argv=None) -> int:
     from megatron_polar.model.config import ModelRunConfig
     from megatron_polar.model.presets import get_preset
     from megatron_polar.model.spec import transformer_engine_available
-    from megatron_polar.training.parallel import initialize_parallel
+    from megatron_polar.runtime.parallel import initialize_parallel
 
     started = time.perf_counter()
     ctx = initialize_parallel(

@@ -1,4 +1,4 @@
-"""POLAR's hyperparameter laws (paper, section 4; POLAR-SPEC.md "Hyperparameters").
+"""POLAR's hyperparameter laws (paper, section 4; docs/training.md, "Hyperparameter laws").
 
     LR    = 0.0002306 * N^0.01125 * D_p^-0.66587 * D_rm^0.33916
     batch = 31.9032   * N^0.06944 * D_rm^0.52997          (triplets per optimizer step)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_polar.model.reward_model import rewards_at
+from megatron_polar.runtime.device import compute_device
 
 # Order of the per-micro-batch sums returned under "pair_stats".
 _STATS = ("loss", "correct", "chosen", "rejected", "margin", "pairs")
@@ -41,6 +42,15 @@ def pairwise_loss(reward_positions: torch.Tensor, token_scores: torch.Tensor):
     # torch.full, not torch.tensor: no host-to-device copy (a blocking one syncs the stream).
     count = torch.full((), num_pairs, dtype=torch.int, device=loss.device)
     return loss, count, {"pair_stats": stats}
+
+
+def with_nan_loss(loss_func, token_scores: torch.Tensor):
+    """`loss_func`'s result with a NaN loss, back-propagated and reported alike (the step's
+    metrics are summed from "pair_stats"), as a real NaN would show: fault injection."""
+    loss, count, stats = loss_func(token_scores)
+    pair_stats = stats["pair_stats"].clone()
+    pair_stats[_STATS.index("loss")] = float("nan")
+    return loss * float("nan"), count, {**stats, "pair_stats": pair_stats}
 
 
 @dataclass
@@ -84,7 +94,7 @@ class PairMetricsMean:
 
 def reduce_pair_stats(outputs: list[dict], group) -> PairMetrics:
     """Sum the micro-batch stats of this rank, then over `group` (data-parallel ranks)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     sums = torch.zeros(len(_STATS), dtype=torch.float64, device=device)
     for out in outputs:
         sums += out["pair_stats"].to(device=device, dtype=torch.float64)

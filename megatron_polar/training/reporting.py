@@ -15,10 +15,12 @@ from typing import Optional
 import psutil
 import torch
 
+from megatron_polar.runtime.device import on_gpu
+
 
 def memory_gib() -> dict:
     """Peak GPU memory of this process, or its resident memory on CPU."""
-    if torch.cuda.is_available():
+    if on_gpu():
         return {"mem_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
     return {"mem_rss_gib": psutil.Process().memory_info().rss / 2**30}

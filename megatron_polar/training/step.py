@@ -1,5 +1,6 @@
-"""The step API the trainer builds on: model chunks for this pipeline stage, megatron DDP,
-megatron optimizer, and one training step through megatron's forward-backward schedules."""
+"""The step API the trainer builds on: megatron's optimizer wired to the model chunks
+(runtime/chunks.py), one training step through megatron's forward-backward schedules
+(runtime/schedules.py) with the pairwise loss, and validation."""
 
 from __future__ import annotations
 
@@ -9,63 +10,15 @@ from functools import partial
 from typing import Optional, Sequence
 
 import torch
-from megatron.core import tensor_parallel
-from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                       finalize_model_grads)
-from megatron.core.enums import ModelType
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 
-from megatron_polar.data.packing import PackedMicroBatch, PaddedBatch
-from megatron_polar.model.config import ModelRunConfig, build_transformer_config
-from megatron_polar.model.presets import ModelPreset
-from megatron_polar.model.reward_model import PolarRewardModel, rewards_at
-from megatron_polar.model.spec import build_layer_spec, resolve_use_te
+from megatron_polar.data.packing import PackedMicroBatch
+from megatron_polar.runtime.chunks import unwrap
+from megatron_polar.runtime.device import compute_device
+from megatron_polar.runtime.parallel import ParallelContext
+from megatron_polar.runtime.schedules import evaluating, forward_scores, run_schedule
 from megatron_polar.training.objective import PairMetrics, pairwise_loss, reduce_pair_stats
-from megatron_polar.training.parallel import ParallelContext, compute_device
-
-
-def build_model_chunks(
-    preset: ModelPreset,
-    run: ModelRunConfig,
-    ctx: ParallelContext,
-    ddp_config: Optional[DistributedDataParallelConfig] = None,
-    zero_init_head: bool = False,
-) -> list[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), wrapped in megatron DDP.
-
-    Pass `ddp_config=None` for a DDP with defaults; training configs set overlap and the
-    distributed optimizer there.
-    """
-    use_te = resolve_use_te(run)
-    config = build_transformer_config(preset, run, use_te)
-    spec = build_layer_spec(use_te)
-    from megatron.core import parallel_state
-
-    chunks = []
-    for vp_stage in range(run.virtual_pipeline_model_parallel_size or 1):
-        stage = vp_stage if run.virtual_pipeline_model_parallel_size else None
-        model = PolarRewardModel(
-            config, spec, preset,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage, pg_collection=ctx.pg, zero_init_head=zero_init_head)
-        model.model_type = ModelType.encoder_or_decoder
-        for param in model.parameters():
-            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-        model.to(compute_device())
-        if run.bf16:
-            model = Float16Module(config, model)
-        chunks.append(model)
-
-    ddp_config = ddp_config or DistributedDataParallelConfig(grad_reduce_in_fp32=True)
-    return [
-        DistributedDataParallel(config, ddp_config, module=chunk,
-                                # Megatron-LM: only the first chunk's buckets overlap with compute.
-                                disable_bucketing=i > 0, pg_collection=ctx.pg)
-        for i, chunk in enumerate(chunks)
-    ]
 
 
 def initialize_userbuffers(tokens: int, hidden_size: int, tp_size: int, *, fp8: bool,
@@ -94,13 +47,6 @@ def destroy_userbuffers() -> None:
         destroy()
 
 
-def unwrap(chunk: torch.nn.Module) -> PolarRewardModel:
-    """The PolarRewardModel inside DDP / Float16Module wrappers."""
-    while not isinstance(chunk, PolarRewardModel):
-        chunk = chunk.module
-    return chunk
-
-
 def build_optimizer(chunks: list[torch.nn.Module], config: OptimizerConfig, ctx: ParallelContext):
     """megatron's optimizer (distributed if `config.use_distributed_optimizer`), wired into the
     model config the way Megatron-LM's trainer does (grad scaling, grad finalisation, no_sync)."""
@@ -123,26 +69,6 @@ def build_optimizer(chunks: list[torch.nn.Module], config: OptimizerConfig, ctx:
     return optimizer
 
 
-def sync_params(chunks) -> None:
-    """Make every parameter hold the weights of the last optimizer step.
-
-    With `--use-distributed-optimizer --overlap-param-gather` megatron leaves the updated
-    weights sharded after `step_with_ready_grads` (megatron/core/optimizer/distrib_optimizer.py
-    0.16.1 `step_with_ready_grads`, ~line 2613: no all-gather when overlapping) and gathers them
-    in the next forward's pre-hooks (distributed/distributed_data_parallel.py
-    `_make_forward_pre_hook`). Anything that reads weights between a step and the next forward
-    (a checkpoint, an export, validation, scoring) would mix steps N and N-1. This forces the
-    all-gather now, as Megatron-LM does around its saves (`disable_forward_pre_hook(param_sync=
-    True)` -> `start_param_sync(force_sync=True)`, distributed_data_parallel.py:367-382).
-    The bucket groups are then marked dispatched, so the next forward's hooks neither gather
-    again nor wait (param_and_grad_buffer.py `finish_param_sync`). A no-op otherwise.
-    """
-    for chunk in chunks:
-        ddp = getattr(chunk, "ddp_config", None)
-        if ddp is not None and ddp.use_distributed_optimizer and ddp.overlap_param_gather:
-            chunk.start_param_sync(force_sync=True)
-
-
 @dataclass
 class StepResult:
     metrics: PairMetrics
@@ -154,11 +80,9 @@ class StepResult:
 def _pair_forward_step(data_iterator, model, poison_loss: bool = False,
                        poison_grad: bool = False):
     batch: PackedMicroBatch = next(data_iterator)
-    # One copy of each tensor to the device and no device-to-host sync (`model_inputs`).
-    device = compute_device()
-    tokens, position_ids, packed_seq_params = batch.model_inputs(device)
-    scores = model(tokens, position_ids, None, packed_seq_params=packed_seq_params)
-    loss_func = partial(pairwise_loss, batch.reward_positions.to(device, non_blocking=True))
+    scores = forward_scores(model, batch)
+    loss_func = partial(pairwise_loss,
+                        batch.reward_positions.to(compute_device(), non_blocking=True))
     if poison_grad and scores.requires_grad:
         # fault injection (tests): the loss stays finite, the gradient flowing back from this
         # stage's output is NaN (and so every gradient before it)
@@ -216,27 +140,6 @@ def _broadcast_metrics(metrics_sums: Optional[PairMetrics], ctx: ParallelContext
     return PairMetrics(v[0], v[1], v[2], v[3], v[4], int(v[5]))
 
 
-def _run_schedule(chunks, micro_batches: Sequence[PackedMicroBatch], forward_only: bool, ctx,
-                  forward_step=_pair_forward_step):
-    if not micro_batches:
-        raise ValueError("a step needs at least one micro-batch on every data-parallel rank")
-    lengths = {mb.tokens.shape[1] for mb in micro_batches}
-    if len(lengths) > 1 and ctx.pp_size > 1 and not unwrap(chunks[0]).config.variable_seq_lengths:
-        raise ValueError("micro-batches of different lengths need variable_seq_lengths "
-                         "in the model config for pipeline transfers")
-    seq_length = max(lengths)
-    iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators,
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=1,
-        forward_only=forward_only,
-    )
-
-
 def train_step(chunks, optimizer, micro_batches: Sequence[PackedMicroBatch],
                ctx: ParallelContext, scheduler=None, poison_loss: bool = False,
                poison_grad: bool = False) -> StepResult:
@@ -246,9 +149,9 @@ def train_step(chunks, optimizer, micro_batches: Sequence[PackedMicroBatch],
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    outputs = _run_schedule(chunks, micro_batches, forward_only=False, ctx=ctx,
-                            forward_step=partial(_pair_forward_step, poison_loss=poison_loss,
-                                                 poison_grad=poison_grad))
+    outputs = run_schedule(chunks, micro_batches, forward_only=False, ctx=ctx,
+                           forward_step=partial(_pair_forward_step, poison_loss=poison_loss,
+                                                poison_grad=poison_grad))
     local = reduce_pair_stats(outputs, ctx.pg.dp) if ctx.is_last_stage else None
     metrics = _broadcast_metrics(local, ctx)
     update_successful, grad_norm = guarded_optimizer_step(optimizer, math.isfinite(metrics.loss))
@@ -262,56 +165,8 @@ def train_step(chunks, optimizer, micro_batches: Sequence[PackedMicroBatch],
 @torch.no_grad()
 def evaluate_pairs(chunks, micro_batches: Sequence[PackedMicroBatch], ctx) -> PairMetrics:
     """Loss and accuracy over packed pairs, forward only (validation)."""
-    sync_params(chunks)
-    for chunk in chunks:
-        chunk.eval()
-    try:
-        outputs = _run_schedule(chunks, micro_batches, forward_only=True, ctx=ctx)
-    finally:
-        for chunk in chunks:
-            chunk.train()
+    with evaluating(chunks):
+        outputs = run_schedule(chunks, micro_batches, forward_only=True, ctx=ctx,
+                               forward_step=_pair_forward_step)
     local = reduce_pair_stats(outputs, ctx.pg.dp) if ctx.is_last_stage else None
     return _broadcast_metrics(local, ctx)
-
-
-@torch.no_grad()
-def score_packed(chunks, micro_batches: Sequence[PackedMicroBatch], ctx) -> Optional[torch.Tensor]:
-    """Rewards of every sequence in the packs (s+_0, s-_0, ...), concatenated; on the last
-    pipeline stage, None elsewhere. Forward only, through megatron's schedules."""
-    collected: list[torch.Tensor] = []
-
-    def collect(positions, token_scores):
-        collected.append(rewards_at(token_scores, positions.to(token_scores.device)).cpu())
-        zero = token_scores.sum() * 0
-        return zero, torch.tensor(1, dtype=torch.int), {}
-
-    def step(data_iterator, model):
-        batch = next(data_iterator)
-        scores, _ = _pair_forward_step(iter([batch]), model)
-        return scores, partial(collect, batch.reward_positions)
-
-    sync_params(chunks)
-    for chunk in chunks:
-        chunk.eval()
-    try:
-        _run_schedule(chunks, micro_batches, forward_only=True, ctx=ctx, forward_step=step)
-    finally:
-        for chunk in chunks:
-            chunk.train()
-    return torch.cat(collected) if ctx.is_last_stage else None
-
-
-@torch.no_grad()
-def score_padded(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
-    """Rewards of right-padded sequences, one per row, with a single-stage model (no PP)."""
-    core = unwrap(model)
-    if not (core.pre_process and core.post_process):
-        raise ValueError("score_padded needs the whole model on one stage; use score_packed with PP")
-    device = compute_device()
-    was_training = model.training
-    model.eval()
-    try:
-        scores = model(batch.tokens.to(device), batch.position_ids.to(device), None)
-    finally:
-        model.train(was_training)
-    return rewards_at(scores, batch.reward_positions.to(scores.device)).cpu()

@@ -11,7 +11,6 @@ Everything parallel is megatron-core's; this file only decides what happens when
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -33,23 +32,25 @@ from megatron.core.timers import Timers
 
 from megatron_polar.data.dataset import BlendSpec, DatasetError, TripletStream
 from megatron_polar.data.sampler import MicroBatchCountError, PackingSampler
-from megatron_polar.data.tokenizer import copy_tokenizer
-from megatron_polar.model.presets import MODEL_FILE, ModelPreset, checkpoint_preset, get_preset
+from megatron_polar.model.presets import ModelPreset, get_preset
 from megatron_polar.model.spec import resolve_use_te
+from megatron_polar.runtime.checkpoints import (CheckpointError, is_checkpoint_dir,
+                                                is_training_checkpoint, latest_iteration,
+                                                load_model_weights, read_manifest,
+                                                resolve_checkpoint_dir, write_manifest)
+from megatron_polar.runtime.chunks import build_model_chunks
+from megatron_polar.runtime.device import compute_device
+from megatron_polar.runtime.parallel import (ParallelContext, any_rank, destroy_parallel,
+                                             initialize_parallel)
 from megatron_polar.training.arguments import parse_train_args, run_config_from_args
-from megatron_polar.training.checkpointing import (CheckpointError, CheckpointWriter,
-                                                   is_checkpoint_dir, is_training_checkpoint,
-                                                   latest_iteration, load_checkpoint,
-                                                   load_model_weights, resolve_checkpoint_dir,
+from megatron_polar.training.checkpointing import (CheckpointWriter, load_checkpoint,
                                                    training_state_dict)
 from megatron_polar.training.flops import peak_tflops_of_this_gpu, training_flops
 from megatron_polar.training.hparams import polar_hparams
 from megatron_polar.training.objective import PairMetrics, PairMetricsMean
-from megatron_polar.training.parallel import (ParallelContext, any_rank, compute_device,
-                                              destroy_parallel, initialize_parallel)
 from megatron_polar.training.reporting import Reporter, memory_gib
-from megatron_polar.training.step import (build_model_chunks, build_optimizer, evaluate_pairs,
-                                          initialize_userbuffers, train_step)
+from megatron_polar.training.step import (build_optimizer, evaluate_pairs, initialize_userbuffers,
+                                          train_step)
 
 
 class TrainingStopped(RuntimeError):
@@ -105,9 +106,7 @@ class Trainer:
 
     def _describe_checkpoint(self, directory: Path) -> None:
         """The preset and the tokenizer beside the shards: export and scoring need both."""
-        (directory / MODEL_FILE).write_text(json.dumps(self.preset.as_dict(), indent=2) + "\n")
-        if self.args.tokenizer:
-            copy_tokenizer(self.args.tokenizer, directory / "tokenizer")
+        write_manifest(directory, self.preset, self.args.tokenizer)
 
     def _data(self) -> None:
         a, ctx = self.args, self.ctx
@@ -483,17 +482,9 @@ class _Window:
 def resolve_run_preset(name: Optional[str], checkpoint: Optional[str]) -> ModelPreset:
     """`--model-preset`, else the preset a checkpoint records (HF import and our checkpoints
     write `model.json`), else "tiny". A named preset that contradicts the checkpoint is an error."""
-    recorded = None
-    if checkpoint:
-        latest = Path(checkpoint) / f"iter_{latest_iteration(checkpoint) or 0:07d}"
-        recorded = checkpoint_preset(checkpoint) or checkpoint_preset(latest)
-    if name is None:
-        return recorded or get_preset("tiny")
-    preset = get_preset(name)
-    if recorded is not None and recorded.differences(preset):
-        raise ValueError(f"--model-preset {name} does not match the preset recorded in "
-                         f"{checkpoint} ({recorded.name}); leave --model-preset out to use it")
-    return preset
+    if not checkpoint:
+        return get_preset(name or "tiny")
+    return read_manifest(checkpoint, must_exist=False).preset_for(name, default="tiny")
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,11 @@
 """Process groups: torch.distributed + megatron-core model-parallel groups, NCCL or gloo.
 
-The only place that reads megatron's `parallel_state`; everything downstream receives the
-resulting `ProcessGroupCollection` explicitly.
+`initialize_parallel` sets them up for a run (and chooses the device, device.py);
+`parallel_context` joins a state that is already set up at the same layout (a trainer
+evaluating in-process, a test session). Everything downstream receives the resulting
+`ParallelContext` (with megatron's `ProcessGroupCollection`) explicitly; megatron's global
+`parallel_state` is read here and, for what only it knows (the pipeline stage of a virtual
+chunk, the TP group of a layer), in chunks.py and model/reward_model.py.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_polar.model.config import ModelRunConfig
-from megatron_polar.training.cpu_backend import enable_cpu_backend
+from megatron_polar.runtime.device import compute_device, select_device
+
+
+class ParallelLayoutError(ValueError):
+    """The process's parallel state does not fit the run (world size, an existing layout)."""
 
 
 @dataclass
@@ -53,13 +61,11 @@ def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> Paral
     """Initialise torch.distributed (env:// rendezvous, as torchrun sets it) and megatron's
     model-parallel groups; seed the RNGs. On a machine without CUDA this uses gloo and
     switches on the CPU backend."""
-    on_cpu = enable_cpu_backend()
+    on_cpu = select_device().type == "cpu"
     if not torch.distributed.is_initialized():
         if "WORLD_SIZE" not in os.environ:  # a plain `python tool.py`: a group of one
             os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(free_port()))
-        if not on_cpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -67,7 +73,8 @@ def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> Paral
     model_parallel = (run.tensor_model_parallel_size * run.pipeline_model_parallel_size
                       * run.context_parallel_size)
     if world % model_parallel:
-        raise ValueError(f"world size {world} is not divisible by TP x PP x CP = {model_parallel}")
+        raise ParallelLayoutError(f"world size {world} is not divisible by TP x PP x CP = "
+                                  f"{model_parallel}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -82,10 +89,22 @@ def initialize_parallel(run: ModelRunConfig, timeout_minutes: int = 30) -> Paral
     return ctx
 
 
-def compute_device() -> torch.device:
-    """This rank's GPU, or the CPU on a machine without CUDA."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+def parallel_context(run: ModelRunConfig) -> ParallelContext:
+    """megatron's parallel state for `run`: the process's own when it is already initialised
+    at this layout (a test session, a trainer evaluating in-process), else initialised here
+    (a group of one for a plain `python`, torchrun's group otherwise). An existing state at
+    another layout is an error rather than torn down under its owner."""
+    if not parallel_state.model_parallel_is_initialized():
+        return initialize_parallel(run)
+    ctx = ParallelContext.from_mpu(parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    have = (ctx.tp_size, ctx.pp_size, ctx.vp_size)
+    want = (run.tensor_model_parallel_size, run.pipeline_model_parallel_size,
+            run.virtual_pipeline_model_parallel_size)
+    if have != want:
+        raise ParallelLayoutError(
+            f"megatron's parallel state is already initialised at TP={have[0]} PP={have[1]} "
+            f"VPP={have[2]}; this run asks for TP={want[0]} PP={want[1]} VPP={want[2]}")
+    return ctx
 
 
 def any_rank(flag: bool) -> bool:

@@ -1,4 +1,5 @@
-"""A small sentencepiece tokenizer trained on the spot (no downloads), with POLAR's special pieces."""
+"""A small sentencepiece tokenizer trained on the spot (no downloads), with POLAR's special pieces,
+for tests and tools (benchmarks) alike."""
 
 import functools
 import io

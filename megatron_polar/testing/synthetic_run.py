@@ -16,14 +16,14 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_polar.data.packing import pack_pairs
-from megatron_polar.data.synthetic import SyntheticTask
 from megatron_polar.model.config import ModelRunConfig
 from megatron_polar.model.presets import get_preset
+from megatron_polar.runtime.chunks import build_model_chunks
+from megatron_polar.runtime.parallel import (ParallelContext, any_rank, initialize_parallel,
+                                             seed_everything)
+from megatron_polar.testing.synthetic_task import SyntheticTask
 from megatron_polar.training.objective import PairMetrics
-from megatron_polar.training.parallel import (ParallelContext, any_rank, initialize_parallel,
-                                              seed_everything)
-from megatron_polar.training.step import (build_model_chunks, build_optimizer, evaluate_pairs,
-                                          train_step)
+from megatron_polar.training.step import build_optimizer, evaluate_pairs, train_step
 
 
 @dataclass
