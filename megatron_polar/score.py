@@ -25,22 +25,12 @@ import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_polar.training.arguments import add_model_args
+    from megatron_polar.eval.flags import add_scorer_args
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="megatron checkpoint: run dir, iter_N dir or weights")
-    src.add_argument("--hf", help="HF reward-model directory: InternLM2ForRewardModel or "
-                     "LlamaForSequenceClassification (e.g. an export, docs/export.md)")
     p.add_argument("--input", required=True, help="JSONL records (prompt, reference, candidate)")
     p.add_argument("--output", default="-", help="JSONL rewards (default: stdout)")
-    p.add_argument("--tokenizer", default=None,
-                   help="default: the tokenizer kept in the checkpoint / HF directory")
-    p.add_argument("--max-length", type=int, default=16384)
-    p.add_argument("--max-response-length", type=int, default=4096)
-    p.add_argument("--micro-batch-tokens", type=int, default=8192,
-                   help="tokens per packed micro-batch (raised to the longest pair if needed)")
-    add_model_args(p)
+    add_scorer_args(p)
     return p
 
 
@@ -67,27 +57,29 @@ def read_records(path: str, encoder) -> list[tuple[Optional[object], int, list[i
                 ids = encoder.encode_sequence(record["prompt"], record["reference"], candidate,
                                               record.get("wrapper", "sft"))
             except (json.JSONDecodeError, RecordError) as e:
-                raise SystemExit(f"error: {path}:{n}: {e}") from None
+                raise RecordError(f"{path}:{n}: {e}") from None
             out.append((record.get("id"), n, ids))
     return out
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_polar.data.encoding import EncodingConfig
-    from megatron_polar.eval.scorer import RewardScorer, ScorerError, open_source
+    from megatron_polar.config.flags import ConfigError
+    from megatron_polar.data.encoding import RecordError
+    from megatron_polar.eval.flags import scoring_limits, source_from_args
+    from megatron_polar.eval.scorer import RewardScorer, ScorerError
     from megatron_polar.training.arguments import run_config_from_args
 
     try:
-        with open_source(checkpoint=args.checkpoint, hf=args.hf, tokenizer=args.tokenizer,
-                         model_preset=args.model_preset) as source:
+        limits = scoring_limits(args)
+        with source_from_args(args) as source:
             # The input is read (and every record encoded) before the model is built: a bad
             # line fails in seconds, not after loading a 7B model.
-            encoder = source.encoder(EncodingConfig(args.max_length, args.max_response_length))
+            encoder = source.encoder(limits.encoding)
             records = read_records(args.input, encoder)
             scorer = RewardScorer.load(source, run_config_from_args(args, source.preset.num_layers),
-                                       encoder=encoder, micro_batch_tokens=args.micro_batch_tokens)
-    except ScorerError as e:
+                                       encoder=encoder, micro_batch_tokens=limits.micro_batch_tokens)
+    except (ScorerError, ConfigError, RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rewards = scorer.score_ids([ids for _, _, ids in records])

@@ -19,6 +19,7 @@ PACKAGE = "megatron_polar"
 # Bottom first. The entry points `train.py` and `score.py` sit with demo/ in the top layer
 # of the library; testing/ (helpers for tests and tools) sits above it.
 LAYERS = (
+    ("config",),
     ("model",),
     ("data",),
     ("runtime",),

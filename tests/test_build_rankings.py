@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_polar.data.build import BuildConfig, BuildError, build_triplets, output_paths
+from megatron_polar.data.build import BuildConfig, BuildError, build_triplets
+from megatron_polar.data.indexed import output_paths
 from megatron_polar.data.dataset import TripletDataset
 from megatron_polar.data.encoding import TripletEncoder
 from megatron_polar.data.merge import merge_triplets

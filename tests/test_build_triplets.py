@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_polar.data.build import BuildConfig, BuildError, build_triplets, output_paths
+from megatron_polar.data.build import BuildConfig, BuildError, build_triplets
+from megatron_polar.data.indexed import output_paths
 from megatron_polar.data.encoding import TripletEncoder
 from megatron_polar.data.tokenizer import PolarTokenizer
 from megatron_polar.testing.tokenizers import make_sentencepiece, sample_text

@@ -229,7 +229,6 @@ def test_llama_seqcls_export_runs_in_transformers_4_48(model, tmp_path):
 
 def test_llama_seqcls_export_imports_back_unchanged(model, tmp_path):
     from megatron_polar.convert.exporter import export_hf
-    from megatron_polar.convert.importer import import_hf
     from megatron_polar.eval.scorer import RewardScorer
 
     export_hf(model.ckpt, tmp_path / "llama", dtype="fp32", layout="llama-seqcls")

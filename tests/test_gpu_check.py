@@ -238,7 +238,7 @@ def test_gpu_only_items_run_their_comparisons(ctx1, tmp_path, monkeypatch):
     def local_build(env, preset, *, bf16, use_te, fp8=None, ddp=None):
         return real_build(env, preset, bf16=bf16, use_te=False, ddp=ddp)
 
-    monkeypatch.setattr(gc, "build", local_build)
+    monkeypatch.setattr(gc.models, "build", local_build)  # the items call models.build
     preset = get_preset("tiny")
     args = gc.build_parser().parse_args(["--fp8-steps", "2"])
     env = gc.CheckEnv(args=args, ctx=ctx1, preset=preset, check_preset=preset, on_gpu=True,

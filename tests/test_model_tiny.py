@@ -155,7 +155,8 @@ def test_bf16_model_scores_in_fp32_without_an_lm_head_and_trains(ctx1, monkeypat
     from megatron.core import tensor_parallel
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_polar.training.step import build_optimizer, train_step
+    from megatron_polar.training.optimizer import build_optimizer
+    from megatron_polar.training.step import train_step
 
     built = []
     real_init = tensor_parallel.ColumnParallelLinear.__init__

@@ -51,7 +51,8 @@ def layout_run(tp, pp, dp, out_dir, init_dir, save_init, vpp=None, distributed_o
     from megatron_polar.runtime.parallel import initialize_parallel
     from megatron_polar.runtime.chunks import build_model_chunks
     from megatron_polar.runtime.schedules import score_packed
-    from megatron_polar.training.step import build_optimizer, train_step
+    from megatron_polar.training.optimizer import build_optimizer
+    from megatron_polar.training.step import train_step
 
     preset = get_preset(PRESET)
     from megatron.core.distributed import DistributedDataParallelConfig

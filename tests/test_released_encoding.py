@@ -18,7 +18,8 @@ import random
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_polar.data.build import BuildConfig, build_triplets, output_paths
+from megatron_polar.data.build import BuildConfig, build_triplets
+from megatron_polar.data.indexed import output_paths
 from megatron_polar.data.tokenizer import PolarTokenizer
 from tests.released_polar import run_released, xtuner_dir
 from megatron_polar.testing.tokenizers import make_sentencepiece

@@ -10,13 +10,13 @@ shipped YAML's. Each run is compared with the same YAML at TP=1 DP=1 without any
 parallel or memory features ("reference"), then resumed from its iteration-3 checkpoint.
 """
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from megatron_polar.training.arguments import RESOLVED_CONFIG
 from tests.test_trainer import losses, records, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,8 @@ def test_1_8b_config_fp32_matches_one_process_saves_the_step_and_resumes(runs, c
     assert len(set(dp2.values())) > 1
     # Async saves as shipped, the last 3 kept: 3 and the final one.
     saved = sorted(p.name for p in (root / "c18_32" / "ckpt").iterdir())
-    assert saved == ["iter_0000003", f"iter_{STEPS:07d}", "latest_checkpointed_iteration.txt"]
+    assert saved == ["iter_0000003", f"iter_{STEPS:07d}", "latest_checkpointed_iteration.txt",
+                     RESOLVED_CONFIG]  # and the run's flags as resolved
     assert_saved_weights_are_the_steps(root, "c18_32", "ref32")
 
     # DP2 -> DP1 (the default dp_reshardable optimizer state reshards over DP).

@@ -68,6 +68,7 @@ def test_nan_steps_are_skipped_counted_and_persistent_nans_stop_the_run(data):
 
 
 def test_yaml_config_with_flag_overrides_and_clear_errors(data, tmp_path):
+    from megatron_polar.config.flags import ConfigError
     from megatron_polar.training.arguments import parse_train_args
 
     root, tok, _ = data
@@ -78,7 +79,7 @@ def test_yaml_config_with_flag_overrides_and_clear_errors(data, tmp_path):
     assert (args.global_batch_size, args.lr, args.train_iters) == (16, 5e-4, 3)
     assert args.data_path == [str(root / "pairs")] and args.min_lr is None
     cfg.write_text("learning-rate: 1.0\n")
-    with pytest.raises(SystemExit, match="unknown key 'learning-rate'"):
+    with pytest.raises(ConfigError, match="unknown key 'learning-rate'"):  # typed, not an exit
         parse_train_args(["--config", str(cfg)])
 
 

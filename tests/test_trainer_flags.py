@@ -19,6 +19,7 @@ import torch
 
 from megatron_polar.data.build import BuildConfig, build_triplets
 from megatron_polar.runtime.checkpoints import LATEST
+from megatron_polar.training.arguments import RESOLVED_CONFIG
 from tests.test_build_triplets import good_records, write_jsonl
 from tests.test_trainer import ENV, ROOT, base_args, losses, records, train
 
@@ -196,7 +197,8 @@ def test_sigterm_then_a_crash_mid_async_save_then_resume_match_the_uninterrupted
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
     assert "SIGTERM received: checkpoint saved at iteration 3; exiting" in out
     assert (ckpt / LATEST).read_text().strip() == "3"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "iter_0000003", LATEST]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "iter_0000003", LATEST,
+                                                      RESOLVED_CONFIG]
     for i in (2, 3):  # asynchronous saves, taken while training went on, equal synchronous ones
         assert_identical(saved_state(it_dir(ckpt, i)), saved_state(it_dir(ref, i)), f"iter {i}")
 
@@ -208,7 +210,8 @@ def test_sigterm_then_a_crash_mid_async_save_then_resume_match_the_uninterrupted
 
     out = train(root, "sigterm_resume", *flags, data=data)
     assert f"resumed from {it_dir(ckpt, 3)} (iteration 3," in out
-    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000004", "iter_0000006", LATEST]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000004", "iter_0000006", LATEST,
+                                                      RESOLVED_CONFIG]
     assert (ckpt / LATEST).read_text().strip() == "6"
     assert list(tb.glob("events.out.tfevents.*"))
     straight = losses(root, "ref")

@@ -190,7 +190,8 @@ def interleaved_run(uniform, out_file):
     from megatron_polar.model.presets import get_preset
     from megatron_polar.runtime.parallel import initialize_parallel
     from megatron_polar.runtime.chunks import build_model_chunks
-    from megatron_polar.training.step import build_optimizer, train_step
+    from megatron_polar.training.optimizer import build_optimizer
+    from megatron_polar.training.step import train_step
     from tests.test_parallel_parity_tiny import optimizer_config
 
     preset = get_preset("tiny")

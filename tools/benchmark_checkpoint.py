@@ -98,7 +98,7 @@ def build(preset, run, ctx, bf16: bool, distributed_optimizer: bool):
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_polar.runtime.chunks import build_model_chunks
-    from megatron_polar.training.step import build_optimizer
+    from megatron_polar.training.optimizer import build_optimizer
 
     ddp = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=True, overlap_param_gather=True,

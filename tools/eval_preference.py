@@ -25,16 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_polar.training.arguments import add_model_args
+    from megatron_polar.eval.flags import HF_HELP, add_scorer_args
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="megatron checkpoint: run dir, iter_N dir or weights")
-    src.add_argument("--hf", help="HF InternLM2ForRewardModel directory (one process only)")
-    src.add_argument("--init-preset", help="a freshly initialised model of this preset, seeded "
-                                           "with --seed (the before-training baseline)")
-    p.add_argument("--tokenizer", default=None,
-                   help="default: the tokenizer kept in the checkpoint / HF directory")
     data = p.add_argument_group("evaluations (one or both)")
     data.add_argument("--ranked", nargs="+", default=None, metavar="FILE",
                       help="ranked JSONL (prompt, responses best first): the reference is the "
@@ -51,12 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--triplet-seed", type=int, default=1234,
                       help="seed of triplet assembly and of the --max-triplets draw "
                            "(as build_triplets --seed)")
-    p.add_argument("--max-length", type=int, default=16384)
-    p.add_argument("--max-response-length", type=int, default=4096)
-    p.add_argument("--micro-batch-tokens", type=int, default=8192,
-                   help="tokens per packed micro-batch (raised to the longest pair if needed)")
     p.add_argument("--output-json", default=None, help="write the report here")
-    add_model_args(p)
+    add_scorer_args(p, hf_help=HF_HELP + " (one process only)",
+                    init_preset_help="a freshly initialised model of this preset, seeded with "
+                                     "--seed (the before-training baseline)")
     return p
 
 
@@ -75,7 +66,9 @@ def main(argv=None) -> int:
     from megatron_polar.data.encoding import RecordError
     from megatron_polar.eval.discrimination import evaluate_discrimination, load_policy_triplets
     from megatron_polar.eval.preference import EvalInputError, evaluate_preference, read_ranked
-    from megatron_polar.eval.scorer import RewardScorer, ScorerError
+    from megatron_polar.config.flags import ConfigError
+    from megatron_polar.eval.flags import scorer_from_args
+    from megatron_polar.eval.scorer import ScorerError
     from megatron_polar.runtime.parallel import destroy_parallel
 
     start = time.perf_counter()
@@ -84,13 +77,13 @@ def main(argv=None) -> int:
         ranked = read_ranked(args.ranked, args.category_field) if args.ranked else None
         triplets = (load_policy_triplets(args.trajectories, policies, args.triplet_seed,
                                          args.max_triplets) if args.trajectories else None)
-        scorer = RewardScorer.from_args(args)
+        scorer = scorer_from_args(args)
         reports = {}
         if ranked is not None:
             reports["preference"] = evaluate_preference(ranked, scorer)
         if triplets is not None:
             reports["discrimination"] = evaluate_discrimination(triplets, scorer)
-    except (EvalInputError, RecordError, ScorerError) as e:
+    except (EvalInputError, RecordError, ScorerError, ConfigError) as e:
         print(f"eval_preference: error: {e}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,7 @@ peak memory and training throughput / MFU, as one JSON report and a table.
     python tools/gpu_check.py --allow-cpu --model-preset tiny  # the CPU subset (tests)
 
 Exit status: 0 every item passed or was skipped, 1 an item failed, 2 no CUDA GPU (without
---allow-cpu). The checks live in megatron_polar/training/gpu_check.py.
+--allow-cpu). The checks live in megatron_polar/training/gpu_check/.
 """
 
 import os

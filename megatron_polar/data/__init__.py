@@ -8,9 +8,13 @@
   `RecordError`, `WRAPPERS`;
 - `records`: JSONL input line by line with its `file:line` (`iter_lines`, `parse_json_object`,
   the `*_FIELDS` of each record kind), `atomic_file`;
+- `indexed`: the on-disk format of a dataset (megatron-core `.bin`/`.idx`, `.meta.json`,
+  `.rejected.jsonl`): `output_paths`, `staged_outputs` (atomic), `dataset_meta`, `read_meta`;
+- `assembly`: records -> triplets: `encode_triplet`, `ranking_pairs` / `encode_ranking`,
+  `record_wrapper`, and `assemble_from_trajectories` (-> an `Assembly`: triplets with their
+  origin lines, rejected lines, unused count);
 - `build`: `build_triplets` (`BuildConfig` -> `BuildSummary`): triplet, ranked or trajectory
-  JSONL -> megatron-core `.bin`/`.idx`, `.meta.json` and `.rejected.jsonl`;
-  `assemble_from_trajectories`, `ranking_pairs`, `record_wrapper`, `read_meta`;
+  JSONL -> a dataset, encoded by worker processes in input order;
 - `merge`: `merge_triplets`, the partitions of a build concatenated into one dataset;
 - `dataset`: `TripletDataset` (one built dataset, validated on opening), `BlendSpec` and
   `TripletStream`, the endless deterministic stream of pairs of a blend and split;

@@ -17,7 +17,7 @@ import numpy as np
 from megatron.core.datasets import helpers_cpp
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_polar.data.build import output_paths, read_meta
+from megatron_polar.data.indexed import output_paths, read_meta
 
 
 class DatasetError(ValueError):

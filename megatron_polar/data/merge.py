@@ -12,7 +12,7 @@ from pathlib import Path
 
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_polar.data.build import DTYPE, output_paths, read_meta, staged_outputs
+from megatron_polar.data.indexed import DTYPE, output_paths, read_meta, staged_outputs
 
 
 def merge_triplets(prefixes: list[str], output_prefix: str) -> dict:

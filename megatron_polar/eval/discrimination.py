@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from megatron_polar.data.build import assemble_from_trajectories
+from megatron_polar.data.assembly import assemble_from_trajectories
 from megatron_polar.data.encoding import RecordError
 from megatron_polar.data.records import (TRAJECTORY_FIELDS, expand_inputs, iter_lines,
                                          parse_json_object)
@@ -92,25 +92,23 @@ def load_policy_triplets(patterns: Sequence[str], policies: Optional[Sequence[st
                              f"{', '.join(sorted(wanted - present))} (present: "
                              f"{', '.join(sorted(present))})")
 
-    rejected, used = [], []
-    assembled = assemble_from_trajectories(kept, seed, rejected, used)
-    if rejected:
-        where, reason, _ = rejected[0]
-        more = f" (and {len(rejected) - 1} more bad lines)" if len(rejected) > 1 else ""
+    assembly = assemble_from_trajectories(kept, seed)
+    if assembly.rejected:
+        where, reason, _ = assembly.rejected[0]
+        more = (f" (and {len(assembly.rejected) - 1} more bad lines)"
+                if len(assembly.rejected) > 1 else "")
         raise EvalInputError(f"{where}: {reason}{more}")
-    # The assembler records each triplet's three origins in `used`, in triplet order: that is
-    # how a triplet's policies are known without parsing its joined `where` (a path may hold
-    # "+").
-    assert len(used) == 3 * len(assembled)
-    triplets = [PolicyTriplet(where, r["prompt"], r["reference"], r["chosen"], r["rejected"],
-                              r["wrapper"], policy_of[used[3 * k]], policy_of[used[3 * k + 2]])
-                for k, (where, r) in enumerate(assembled)]
+    # A triplet's policies come from the lines it was assembled from, not from its joined
+    # `where` (a path may hold "+").
+    triplets = [PolicyTriplet(t.where, r["prompt"], r["reference"], r["chosen"], r["rejected"],
+                              r["wrapper"], policy_of[t.origins[0]], policy_of[t.origins[2]])
+                for t in assembly.triplets for r in (t.record,)]
     if not triplets:
         raise EvalInputError(f"no triplets from {', '.join(files)}: a triplet needs a prompt "
                              "with two trajectories of one kept policy and one of another")
     data = TripletSet(triplets, files, sorted(wanted if wanted is not None else present), seed,
                       trajectories_read=lines, trajectories_kept=len(kept),
-                      trajectories_used=len(set(used)), triplets_assembled=len(triplets))
+                      trajectories_used=len(assembly.used), triplets_assembled=len(triplets))
     if max_triplets is not None and len(triplets) > max_triplets:
         pick = np.random.default_rng(seed).choice(len(triplets), max_triplets, replace=False)
         data.triplets = [triplets[i] for i in sorted(pick)]

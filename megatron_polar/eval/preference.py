@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from megatron_polar.data.build import ranking_pairs, record_wrapper
+from megatron_polar.data.assembly import ranking_pairs, record_wrapper
 from megatron_polar.data.encoding import RecordError
 from megatron_polar.data.records import RANKING_FIELDS, expand_inputs, iter_lines, parse_json_object
 from megatron_polar.eval.scorer import ScoreRecord

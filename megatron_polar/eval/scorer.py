@@ -157,7 +157,8 @@ def score_sequences(chunks, ctx, sequences: list[list[int]], token_budget: int,
 class RewardScorer:
     """A loaded reward model: `score(records) -> rewards`, on every rank.
 
-    Build one with `from_checkpoint`, `from_hf`, `from_init` or `from_args`, or `load` a
+    Build one with `from_checkpoint`, `from_hf`, `from_init` (or, from a tool's flags,
+    `eval.flags.scorer_from_args`), or `load` a
     resolved `ModelSource`. Every rank of the job must call `score` with the same records
     (it runs megatron's schedules, which are collective)."""
 
@@ -232,19 +233,6 @@ class RewardScorer:
         run = replace(run or ModelRunConfig(), seed=seed)
         with open_source(init_preset=preset, tokenizer=tokenizer) as s:
             return cls.load(s, run, **load_kwargs)
-
-    @classmethod
-    def from_args(cls, args) -> "RewardScorer":
-        """From the flags of the scoring tools: --checkpoint | --hf | --init-preset, --tokenizer,
-        --max-length, --max-response-length, --micro-batch-tokens and `add_model_args`'."""
-        from megatron_polar.training.arguments import run_config_from_args
-
-        with open_source(checkpoint=args.checkpoint, hf=args.hf,
-                         init_preset=getattr(args, "init_preset", None),
-                         tokenizer=args.tokenizer, model_preset=args.model_preset) as s:
-            return cls.load(s, run_config_from_args(args, s.preset.num_layers),
-                            encoding=EncodingConfig(args.max_length, args.max_response_length),
-                            micro_batch_tokens=args.micro_batch_tokens)
 
     # -- scoring --------------------------------------------------------------------------------
 

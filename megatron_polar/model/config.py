@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_polar.config.flags import option
 from megatron_polar.model.presets import ModelPreset
 
 log = logging.getLogger(__name__)
 
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+# --transformer-impl: the layer spec (None: TE when it imports and CUDA is up)
+TRANSFORMER_IMPLS = {"auto": None, "transformer_engine": True, "local": False}
 
 
 @dataclass
 class FP8Config:
     """FP8 through Transformer Engine (Hopper or newer). `format=None` means no FP8."""
 
-    format: Optional[str] = None  # "hybrid" (e4m3 forward, e5m2 backward) or "e4m3"
-    recipe: str = "delayed"
-    margin: int = 0
-    amax_history_len: int = 1024
-    amax_compute_algo: str = "max"  # "max" or "most_recent"
+    format: Optional[str] = option(
+        None, choices=FP8_FORMATS,
+        help="FP8 through Transformer Engine (Hopper GPUs only): hybrid (e4m3 forward, e5m2 "
+             "backward) or e4m3")
+    recipe: str = option("delayed", help=f"one of {', '.join(FP8_RECIPES)}")
+    margin: int = option(0)
+    amax_history_len: int = option(1024)
+    amax_compute_algo: str = option("max", choices=("max", "most_recent"))
 
     def __post_init__(self):
         if self.format is not None and self.format not in FP8_FORMATS:
@@ -45,22 +51,30 @@ class FP8Config:
 
 @dataclass
 class ModelRunConfig:
-    """Everything about running a preset that is not its architecture."""
+    """Everything about running a preset that is not its architecture. Each field is a flag of
+    every tool that runs a model (`add_model_args`: `--tensor-model-parallel-size`, `--bf16`,
+    `--fp8-format`, ...), generated from the field."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: Optional[int] = None
-    context_parallel_size: int = 1  # > 1 is refused (spec.resolve_use_te): not implemented
-    sequence_parallel: bool = False
-    tp_comm_overlap: bool = False  # TE userbuffers: TP communication overlapped with GEMMs
-    bf16: bool = False
-    fp8: FP8Config = field(default_factory=FP8Config)
-    use_transformer_engine: Optional[bool] = None  # None: use TE when it imports and CUDA is up
-    recompute_granularity: Optional[str] = None  # "selective" or "full"
-    recompute_method: Optional[str] = None  # "uniform" or "block" (with full)
-    recompute_num_layers: Optional[int] = None
-    init_method_std: float = 0.02
-    seed: int = 1234
+    tensor_model_parallel_size: int = option(1)
+    pipeline_model_parallel_size: int = option(1)
+    # From --num-layers-per-virtual-pipeline-stage, which needs the preset's layer count
+    # (training/arguments.py, `run_config_from_args`).
+    virtual_pipeline_model_parallel_size: Optional[int] = option(None, cli=False)
+    context_parallel_size: int = option(
+        1, help="split sequences across ranks (Transformer Engine only)")  # > 1 is refused
+    sequence_parallel: bool = option(False)
+    tp_comm_overlap: bool = option(
+        False, help="overlap TP communication with GEMMs (Transformer Engine userbuffers)")
+    recompute_granularity: Optional[str] = option(None, choices=("selective", "full"))
+    recompute_method: Optional[str] = option(None, choices=("uniform", "block"))  # with full
+    recompute_num_layers: Optional[int] = option(None)
+    bf16: bool = option(False, help="bf16 parameters and compute")
+    fp8: FP8Config = option(default_factory=FP8Config)
+    use_transformer_engine: Optional[bool] = option(
+        None, flag="--transformer-impl", choices=TRANSFORMER_IMPLS,
+        help="layer spec; auto = TE when it imports and CUDA is up")
+    init_method_std: float = option(0.02, cli=False)
+    seed: int = option(1234)
 
     def __post_init__(self):
         if min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,

@@ -1,5 +1,5 @@
 """What every package that runs the model needs: one device, process groups, model chunks,
-megatron's schedules and checkpoint files (docs/architecture.md, layer 2).
+megatron's schedules and checkpoint files (docs/architecture.md, layer 3).
 
 - `device`: the device, chosen once at the entry point (`select_device`, called by
   `initialize_parallel`), asked for everywhere else (`compute_device`, `on_gpu`);

@@ -20,22 +20,15 @@ import threading
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_polar.training.arguments import add_model_args
+    from megatron_polar.eval.flags import add_scorer_args
 
     p = argparse.ArgumentParser(prog="python -m megatron_polar.serving",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None,
                    help="YAML file of flag values (flag names without dashes); flags given on "
                         "the command line win (examples/rlhf/nemo_aligner/)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="megatron checkpoint: run dir, iter_N dir or weights")
-    src.add_argument("--hf", help="HF InternLM2ForRewardModel directory (e.g. an export)")
-    p.add_argument("--tokenizer", default=None,
-                   help="the reward model's tokenizer (default: the one kept with the model)")
-    p.add_argument("--max-length", type=int, default=16384)
-    p.add_argument("--max-response-length", type=int, default=4096)
-    p.add_argument("--micro-batch-tokens", type=int, default=8192,
-                   help="tokens per packed micro-batch of the reward model")
+    # the model: exactly one of --checkpoint and --hf, checked after a --config file is read
+    add_scorer_args(p, required=False)
 
     g = p.add_argument_group("prompts and references (token requests)")
     g.add_argument("--references", default=None,
@@ -89,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--critic-micro-batch-size", type=int, default=4)
     g.add_argument("--critic-save", default=None, help="where critic_save writes checkpoints")
     g.add_argument("--critic-load", default=None, help="resume the critic from a checkpoint")
-    add_model_args(p)
     return p
 
 
@@ -107,8 +99,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    from megatron_polar.config.flags import ConfigError
     from megatron_polar.serving.server import ServerError, build_server
+
+    try:
+        args = parse_args(argv)
+    except ConfigError as e:  # a bad --config file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     try:
         server = build_server(args)

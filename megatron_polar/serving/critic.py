@@ -93,22 +93,20 @@ class CriticService:
               load: Optional[str] = None) -> "CriticService":
         """A value model from `source` (a `ModelSource`: the POLAR checkpoint) or, with `load`,
         resumed from a critic checkpoint this class saved."""
-        from megatron.core.optimizer import OptimizerConfig
-
         from megatron_polar.runtime.checkpoints import load_model_weights, resolve_checkpoint_dir
         from megatron_polar.runtime.chunks import build_model_chunks
         from megatron_polar.runtime.parallel import parallel_context
         from megatron_polar.training.checkpointing import load_checkpoint
-        from megatron_polar.training.step import build_optimizer
+        from megatron_polar.training.optimizer import OptimizerSettings, build_optimizer
 
         if source.checkpoint is None and load is None:
             raise ValueError("the critic starts from a trained POLAR model; give a checkpoint")
         ctx = parallel_context(run)
         chunks = build_model_chunks(source.preset, run, ctx)
-        optimizer = build_optimizer(chunks, OptimizerConfig(
-            optimizer="adam", lr=config.lr, weight_decay=config.weight_decay,
-            adam_beta1=0.9, adam_beta2=0.95, clip_grad=config.clip_grad, bf16=run.bf16,
-            params_dtype=torch.bfloat16 if run.bf16 else torch.float32), ctx)
+        # a constant LR: PPO's critic has no schedule of its own (min_lr None)
+        optimizer = build_optimizer(chunks, OptimizerSettings(
+            lr=config.lr, weight_decay=config.weight_decay, clip_grad=config.clip_grad),
+            ctx, bf16=run.bf16)
         service = cls(chunks, optimizer, ctx, config, source.preset.vocab_size, collective)
         if load is not None:
             common = load_checkpoint(resolve_checkpoint_dir(load), chunks, optimizer, ctx)

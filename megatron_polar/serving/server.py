@@ -91,8 +91,9 @@ class RewardServer:
 
 def build_server(args) -> RewardServer:
     """Load everything the flags name; ServerError for anything a user can fix."""
-    from megatron_polar.data.encoding import EncodingConfig, RecordError
-    from megatron_polar.eval.scorer import RewardScorer, ScorerError, open_source
+    from megatron_polar.data.encoding import RecordError
+    from megatron_polar.eval.flags import scoring_limits, source_from_args
+    from megatron_polar.eval.scorer import RewardScorer, ScorerError
     from megatron_polar.serving.postprocess import PostprocessConfig, RewardPostprocessor
     from megatron_polar.serving.references import (ActorTokenizer, ReferenceTable,
                                                    optional_int_list)
@@ -105,20 +106,19 @@ def build_server(args) -> RewardServer:
     try:
         post = RewardPostprocessor(PostprocessConfig(
             args.reward_normalization, args.reward_mean, args.reward_std, args.reward_clip))
-        encoding = EncodingConfig(args.max_length, args.max_response_length)
+        limits = scoring_limits(args)
     except ValueError as e:
         raise ServerError(str(e)) from None
     try:
-        with open_source(checkpoint=args.checkpoint, hf=args.hf, tokenizer=args.tokenizer,
-                         model_preset=args.model_preset) as source:
+        with source_from_args(args) as source:
             references = None
             if args.references is not None:
                 actor = ActorTokenizer(args.actor_tokenizer or source.tokenizer,
                                        eos_ids=optional_int_list(args.actor_eos_ids))
                 references = ReferenceTable.from_file(args.references, actor)
             run = run_config_from_args(args, source.preset.num_layers)
-            scorer = RewardScorer.load(source, run, encoding=encoding,
-                                       micro_batch_tokens=args.micro_batch_tokens)
+            scorer = RewardScorer.load(source, run, encoding=limits.encoding,
+                                       micro_batch_tokens=limits.micro_batch_tokens)
             # Built after the model: megatron's process groups exist by then.
             collective = Collective()
             critic = _build_critic(args, source, run, collective) if args.critic else None

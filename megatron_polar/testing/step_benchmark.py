@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_polar.data.build import DTYPE, dataset_meta, staged_outputs
+from megatron_polar.data.indexed import DTYPE, dataset_meta, staged_outputs
 from megatron_polar.model.presets import ModelPreset
 
 

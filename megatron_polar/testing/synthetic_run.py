@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_polar.data.packing import pack_pairs
 from megatron_polar.model.config import ModelRunConfig
@@ -23,7 +21,8 @@ from megatron_polar.runtime.parallel import (ParallelContext, any_rank, initiali
                                              seed_everything)
 from megatron_polar.testing.synthetic_task import SyntheticTask
 from megatron_polar.training.objective import PairMetrics
-from megatron_polar.training.step import build_optimizer, evaluate_pairs, train_step
+from megatron_polar.training.optimizer import OptimizerSettings, build_optimizer
+from megatron_polar.training.step import evaluate_pairs, train_step
 
 
 @dataclass
@@ -80,13 +79,9 @@ def run_synthetic(cfg: SyntheticRunConfig, log: Callable[[str], None] = print,
     task = SyntheticTask.for_preset(preset, favourites=cfg.favourites,
                                     response_len=cfg.response_len, prompt_len=cfg.prompt_len)
     chunks = build_model_chunks(preset, cfg.run, ctx)
-    optimizer = build_optimizer(chunks, OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=0.0, adam_beta1=0.9,
-        adam_beta2=0.95, clip_grad=1.0, bf16=cfg.run.bf16), ctx)
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=cfg.max_steps, lr_decay_style="cosine",
-        start_wd=0.0, end_wd=0.0, wd_incr_steps=cfg.max_steps, wd_incr_style="constant")
+    settings = OptimizerSettings(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps)
+    optimizer = build_optimizer(chunks, settings, ctx, bf16=cfg.run.bf16)
+    scheduler = settings.scheduler(optimizer, cfg.max_steps)
 
     held_out = task.make_policies(cfg.held_out_policies, np.random.default_rng(10_000 + cfg.run.seed))
     eval_packs = _my_packs(task.pairs(held_out, cfg.held_out_pairs, seed=-1 % 2**32), cfg, ctx,

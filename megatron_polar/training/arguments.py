@@ -1,69 +1,44 @@
-"""Megatron-style command-line flags shared by the tools (model preset, parallel layout, precision)."""
+"""Megatron-style command-line flags: the model group every tool that runs a model shares
+(preset, parallel layout, precision: generated from `ModelRunConfig`'s fields) and the
+trainer's. Errors are ConfigErrors; the tools' `main`s turn them into exit status 2."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-from megatron_polar.model.config import FP8Config, ModelRunConfig
-from megatron_polar.model.presets import PRESETS
+from megatron_polar.config.flags import ConfigError, add_flags, from_namespace, load_yaml
+from megatron_polar.model.config import ModelRunConfig
+from megatron_polar.model.presets import PRESETS, ModelPreset
+from megatron_polar.training.hparams import polar_hparams
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--model-preset`, and a flag for every field of `ModelRunConfig` (parallel sizes,
+    precision, FP8, recompute, layer spec, seed), generated from the fields."""
     g = parser.add_argument_group("model and parallelism")
     g.add_argument("--model-preset", default=None,
                    help=f"architecture: a preset name ({', '.join(sorted(PRESETS))}), a model.json, "
                         "or a checkpoint directory holding one (default: the preset recorded in "
                         "the checkpoint loaded, else tiny)")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    g.add_argument("--context-parallel-size", type=int, default=1,
-                   help="split sequences across ranks (Transformer Engine only)")
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--tp-comm-overlap", action="store_true",
-                   help="overlap TP communication with GEMMs (Transformer Engine userbuffers)")
-    g.add_argument("--recompute-granularity", choices=["selective", "full"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
-    g.add_argument("--recompute-num-layers", type=int, default=None)
-    g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
-    g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
-                   help="FP8 through Transformer Engine (Hopper GPUs only)")
-    g.add_argument("--fp8-recipe", default="delayed")
-    g.add_argument("--fp8-margin", type=int, default=0)
-    g.add_argument("--fp8-amax-history-len", type=int, default=1024)
-    g.add_argument("--fp8-amax-compute-algo", choices=["max", "most_recent"], default="max")
-    g.add_argument("--transformer-impl", choices=["auto", "transformer_engine", "local"],
-                   default="auto", help="layer spec; auto = TE when it imports and CUDA is up")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved pipeline: layers per virtual stage (megatron's VPP)")
+    add_flags(g, ModelRunConfig)
     return parser
 
 
 def run_config_from_args(args: argparse.Namespace, num_layers: int) -> ModelRunConfig:
+    """The `ModelRunConfig` of parsed `add_model_args` flags for a model of `num_layers`
+    layers; ConfigError for a value the config refuses."""
     vpp = None
     if args.num_layers_per_virtual_pipeline_stage:
         per_stage = num_layers // args.pipeline_model_parallel_size
         if per_stage % args.num_layers_per_virtual_pipeline_stage:
-            raise SystemExit("--num-layers-per-virtual-pipeline-stage must divide the layers "
-                             f"per pipeline stage ({per_stage})")
+            raise ConfigError("--num-layers-per-virtual-pipeline-stage must divide the layers "
+                              f"per pipeline stage ({per_stage})")
         vpp = per_stage // args.num_layers_per_virtual_pipeline_stage
-    return ModelRunConfig(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=vpp,
-        context_parallel_size=args.context_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        tp_comm_overlap=args.tp_comm_overlap,
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        bf16=args.bf16,
-        fp8=FP8Config(format=args.fp8_format, recipe=args.fp8_recipe, margin=args.fp8_margin,
-                      amax_history_len=args.fp8_amax_history_len,
-                      amax_compute_algo=args.fp8_amax_compute_algo),
-        use_transformer_engine={"auto": None, "transformer_engine": True,
-                                "local": False}[args.transformer_impl],
-        seed=args.seed,
-    )
+    return from_namespace(ModelRunConfig, args, virtual_pipeline_model_parallel_size=vpp)
 
 
 # -- the trainer's flags -----------------------------------------------------------------------
@@ -178,26 +153,8 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise SystemExit(f"--config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SystemExit(f"--config {path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"--config {path}: expected a mapping of flag names to values")
-    known = {a.dest for a in parser._actions}
-    values = {}
-    for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known or dest == "config":
-            raise SystemExit(f"--config {path}: unknown key {key!r} (keys are the tool's "
-                             "flag names without the leading dashes)")
-        values[dest] = value
-    return values
+    """The values of a `--config` YAML file for `parser`'s flags (ConfigError otherwise)."""
+    return load_yaml(path, {a.dest for a in parser._actions} - {"config", "help"})
 
 
 def parse_train_args(argv=None) -> argparse.Namespace:
@@ -233,3 +190,44 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--eval-interval needs --valid-fraction or --valid-data-path")
     if args.save_interval and not args.save:
         parser.error("--save-interval needs --save")
+
+
+# -- derived values, once ------------------------------------------------------------------------
+
+RESOLVED_CONFIG = "resolved_config.yaml"
+
+
+def resolve_train_args(args: argparse.Namespace,
+                       preset: ModelPreset) -> tuple[argparse.Namespace, list[str]]:
+    """The run's flags with every derived value filled in, computed once at the start: the LR
+    and global batch of `--auto-hparams` (the paper's laws) and `--min-lr`'s default of
+    0.1 x LR (the released configs' cosine floor). Returns the resolved copy and what to tell
+    the user about it."""
+    a, notes = argparse.Namespace(**vars(args)), []
+    if a.auto_hparams:
+        n = a.model_params or preset.nominal_parameters or preset.num_parameters()
+        hp = polar_hparams(n, a.base_tokens, a.rm_tokens)
+        notes.append(hp.describe(n, a.base_tokens, a.rm_tokens) + " (batch counted in triplets)")
+        a.lr = a.lr if a.lr is not None else hp.lr
+        a.global_batch_size = a.global_batch_size or hp.global_batch_size
+    if a.min_lr is None:
+        a.min_lr = 0.1 * a.lr
+    return a, notes
+
+
+def write_resolved_config(args: argparse.Namespace, directory: str) -> Path:
+    """`directory/resolved_config.yaml`: every flag of the run as resolved (derived values
+    included), keyed by flag name; `--config` of that file starts the same run again. Written
+    atomically."""
+    import yaml
+
+    values = {dest.replace("_", "-"): value for dest, value in sorted(vars(args).items())
+              if dest != "config"}
+    path = Path(directory) / RESOLVED_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text("# the resolved flags of the latest start of this run (python -m "
+                   "megatron_polar.train --config THIS_FILE starts it again)\n"
+                   + yaml.safe_dump(values, sort_keys=False))
+    os.replace(tmp, path)
+    return path

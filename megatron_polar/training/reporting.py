@@ -15,6 +15,7 @@ from typing import Optional
 import psutil
 import torch
 
+from megatron_polar.config.flags import ConfigError
 from megatron_polar.runtime.device import on_gpu
 
 
@@ -41,14 +42,14 @@ class Reporter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise SystemExit("--tensorboard-dir needs the tensorboard package "
-                                 "(pip install tensorboard)") from None
+                raise ConfigError("--tensorboard-dir needs the tensorboard package "
+                                  "(pip install tensorboard)") from None
             self.tb = SummaryWriter(tensorboard_dir)
         if wandb_project:
             try:
                 import wandb
             except ImportError:
-                raise SystemExit("--wandb-project needs the wandb package (pip install wandb)") \
+                raise ConfigError("--wandb-project needs the wandb package (pip install wandb)") \
                     from None
             self.wandb = wandb.init(project=wandb_project, name=wandb_name, config=config)
 

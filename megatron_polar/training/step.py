@@ -1,20 +1,17 @@
-"""The step API the trainer builds on: megatron's optimizer wired to the model chunks
-(runtime/chunks.py), one training step through megatron's forward-backward schedules
-(runtime/schedules.py) with the pairwise loss, and validation."""
+"""The step API the trainer builds on: one training step through megatron's forward-backward
+schedules (runtime/schedules.py) with the pairwise loss and a guarded optimizer step
+(optimizer.py builds the optimizer), validation, and TE's userbuffers for TP overlap."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-from megatron.core.distributed import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from megatron_polar.data.packing import PackedMicroBatch
-from megatron_polar.runtime.chunks import unwrap
 from megatron_polar.runtime.device import compute_device
 from megatron_polar.runtime.parallel import ParallelContext
 from megatron_polar.runtime.schedules import evaluating, forward_scores, run_schedule
@@ -47,28 +44,6 @@ def destroy_userbuffers() -> None:
         destroy()
 
 
-def build_optimizer(chunks: list[torch.nn.Module], config: OptimizerConfig, ctx: ParallelContext):
-    """megatron's optimizer (distributed if `config.use_distributed_optimizer`), wired into the
-    model config the way Megatron-LM's trainer does (grad scaling, grad finalisation, no_sync)."""
-    optimizer = get_megatron_optimizer(config, chunks, pg_collection=None)
-    model_config = unwrap(chunks[0]).config
-    model_config.grad_scale_func = optimizer.scale_loss
-    model_config.finalize_model_grads_func = finalize_model_grads
-    if len(chunks) == 1:
-        model_config.no_sync_func = chunks[0].no_sync
-    else:
-        model_config.no_sync_func = [c.no_sync for c in chunks]
-    if chunks[0].ddp_config.overlap_grad_reduce:
-        model_config.grad_sync_func = [c.start_grad_sync for c in chunks]
-        if len(chunks) == 1:
-            model_config.grad_sync_func = model_config.grad_sync_func[0]
-    if chunks[0].ddp_config.overlap_param_gather and chunks[0].ddp_config.align_param_gather:
-        model_config.param_sync_func = [c.start_param_sync for c in chunks]
-        if len(chunks) == 1:
-            model_config.param_sync_func = model_config.param_sync_func[0]
-    return optimizer
-
-
 @dataclass
 class StepResult:
     metrics: PairMetrics
@@ -77,30 +52,13 @@ class StepResult:
     num_tokens: int  # real tokens this DP rank consumed (all micro-batches)
 
 
-def _pair_forward_step(data_iterator, model, poison_loss: bool = False,
-                       poison_grad: bool = False):
+def pair_forward_step(data_iterator, model):
+    """megatron forward step of the pairwise objective: token scores, and the loss function
+    that reads the rewards at the micro-batch's reward positions."""
     batch: PackedMicroBatch = next(data_iterator)
     scores = forward_scores(model, batch)
-    loss_func = partial(pairwise_loss,
-                        batch.reward_positions.to(compute_device(), non_blocking=True))
-    if poison_grad and scores.requires_grad:
-        # fault injection (tests): the loss stays finite, the gradient flowing back from this
-        # stage's output is NaN (and so every gradient before it)
-        scores.register_hook(lambda grad: grad * float("nan"))
-    if poison_loss:  # fault injection (tests): a NaN loss, and so NaN gradients
-        return scores, partial(_poisoned, loss_func)
-    return scores, loss_func
-
-
-def _poisoned(loss_func, token_scores):
-    from megatron_polar.training.objective import _STATS
-
-    loss, count, stats = loss_func(token_scores)
-    # The reported loss too (the step's metrics are summed from these stats), not only the one
-    # that is back-propagated: a NaN loss, as a real one would show.
-    pair_stats = stats["pair_stats"].clone()
-    pair_stats[_STATS.index("loss")] = float("nan")
-    return loss * float("nan"), count, {**stats, "pair_stats": pair_stats}
+    return scores, partial(pairwise_loss,
+                           batch.reward_positions.to(compute_device(), non_blocking=True))
 
 
 def guarded_optimizer_step(optimizer, loss_is_finite: bool) -> tuple[bool, Optional[float]]:
@@ -141,17 +99,18 @@ def _broadcast_metrics(metrics_sums: Optional[PairMetrics], ctx: ParallelContext
 
 
 def train_step(chunks, optimizer, micro_batches: Sequence[PackedMicroBatch],
-               ctx: ParallelContext, scheduler=None, poison_loss: bool = False,
-               poison_grad: bool = False) -> StepResult:
+               ctx: ParallelContext, scheduler=None,
+               forward_step: Callable = pair_forward_step) -> StepResult:
     """One optimizer step over this DP rank's packed micro-batches (the global batch is the union
     over DP ranks). Every PP/TP rank of a DP replica passes the same micro-batches. A step whose
-    loss or gradient norm is not finite changes nothing (see `guarded_optimizer_step`)."""
+    loss or gradient norm is not finite changes nothing (see `guarded_optimizer_step`).
+    `forward_step` is megatron's (data_iterator, model) -> (output, loss_func); its loss_func
+    must return the "pair_stats" of `pairwise_loss` (training/faults.py wraps it)."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     outputs = run_schedule(chunks, micro_batches, forward_only=False, ctx=ctx,
-                           forward_step=partial(_pair_forward_step, poison_loss=poison_loss,
-                                                poison_grad=poison_grad))
+                           forward_step=forward_step)
     local = reduce_pair_stats(outputs, ctx.pg.dp) if ctx.is_last_stage else None
     metrics = _broadcast_metrics(local, ctx)
     update_successful, grad_norm = guarded_optimizer_step(optimizer, math.isfinite(metrics.loss))
@@ -167,6 +126,6 @@ def evaluate_pairs(chunks, micro_batches: Sequence[PackedMicroBatch], ctx) -> Pa
     """Loss and accuracy over packed pairs, forward only (validation)."""
     with evaluating(chunks):
         outputs = run_schedule(chunks, micro_batches, forward_only=True, ctx=ctx,
-                               forward_step=_pair_forward_step)
+                               forward_step=pair_forward_step)
     local = reduce_pair_stats(outputs, ctx.pg.dp) if ctx.is_last_stage else None
     return _broadcast_metrics(local, ctx)
