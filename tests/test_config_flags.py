@@ -186,3 +186,39 @@ def test_the_generator_nests_maps_and_checks():
         from_namespace(_Outer, p.parse_args(["--inner-depth", "-1"]))
     with pytest.raises(SystemExit):  # argparse's own refusal of a value outside the choices
         p.parse_args(["--inner-mode", "c"])
+
+
+def test_the_trainer_config_is_typed_per_component_and_checked(tmp_path):
+    from megatron_polar.training.arguments import train_config
+
+    argv = ["--data-path", "x", "--micro-batch-tokens", "512", "--lr", "1e-3",
+            "--global-batch-size", "8", "--train-iters", "4", "--save", str(tmp_path),
+            "--inject-nan-at", "2", "--eval-iters", "3", "--stage", "sft"]
+    args = parse_train_args(argv)
+    run = run_config_from_args(args, 4)
+    cfg = train_config(resolve_train_args(args, get_preset("tiny"))[0], run)
+    assert (cfg.stage, cfg.run, cfg.data.data_path, cfg.data.micro_batch_tokens) == \
+        ("sft", run, ["x"], 512)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.train_iters) == (1e-3, 1e-4, 4)
+    assert cfg.checkpoint.save == str(tmp_path) and cfg.faults.inject_nan_at == [2]
+    assert cfg.logging.eval_iters == 3
+    settings = cfg.optim.settings(100)
+    assert (settings.lr, settings.min_lr, settings.warmup_steps) == (1e-3, 1e-4, 3)
+    for flag, value, match in (("--valid-fraction", "1.5", "--valid-fraction must lie"),
+                               ("--log-interval", "0", "--log-interval must be >= 1"),
+                               ("--lr-warmup-fraction", "1", "--lr-warmup-fraction must lie")):
+        bad = parse_train_args(argv + [flag, value])
+        with pytest.raises(ConfigError, match=match):
+            train_config(resolve_train_args(bad, get_preset("tiny"))[0], run)
+
+
+def test_the_trainer_cli_stops_on_a_bad_config_with_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning-rate: 1.0\n")
+    proc = subprocess.run([sys.executable, "-m", "megatron_polar.train", "--config", str(cfg)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert f"error: --config {cfg}: unknown key 'learning-rate'" in proc.stderr

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_polar.training.config import FaultConfig
 from megatron_polar.training.faults import FaultInjector, poisoned_forward_step
 from megatron_polar.training.objective import PairMetrics
 from megatron_polar.training.optimizer import OptimizerSettings
@@ -107,9 +108,8 @@ def test_optimizer_settings_check_their_fields_and_build_megatron_config():
 
 
 def test_fault_injector_is_inert_unless_asked():
-    args = SimpleNamespace(inject_nan_at=[3], inject_nan_grad_at=[], exit_after_iteration=None,
-                           exit_during_save=None, wait_for_signal_after_iteration=2)
-    faults = FaultInjector.from_args(args)
+    faults = FaultInjector.from_config(FaultConfig(inject_nan_at=[3],
+                                                   wait_for_signal_after_iteration=2))
     assert faults.forward_step(1) is pair_forward_step
     assert faults.forward_step(3) is not pair_forward_step
     assert poisoned_forward_step(False) is pair_forward_step

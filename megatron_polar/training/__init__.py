@@ -10,6 +10,9 @@
 - `optimizer`: `OptimizerSettings` and `build_optimizer`, megatron's optimizer and LR
   scheduler for the trainer, the PPO critic and the synthetic run alike;
 - `faults`: `FaultInjector`, the trainer's fault-injection flags as a hook (tests only);
+- `config`: `TrainConfig`, the trainer's typed config: one frozen dataclass per component
+  (`DataConfig`, `OptimConfig`, `CheckpointConfig`, `LoggingConfig`, `FaultConfig`) whose
+  fields are the flags, checked in `__post_init__`;
 - `arguments`: the trainer's Megatron-style flags (`build_train_parser` / `parse_train_args`,
   a `--config` YAML through `yaml_defaults`), derived values resolved once
   (`resolve_train_args`) and written into the run directory (`write_resolved_config`), and

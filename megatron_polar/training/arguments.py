@@ -11,6 +11,7 @@ from pathlib import Path
 from megatron_polar.config.flags import ConfigError, add_flags, from_namespace, load_yaml
 from megatron_polar.model.config import ModelRunConfig
 from megatron_polar.model.presets import PRESETS, ModelPreset
+from megatron_polar.training.config import SECTIONS, STAGES, TrainConfig
 from megatron_polar.training.hparams import polar_hparams
 
 
@@ -43,113 +44,25 @@ def run_config_from_args(args: argparse.Namespace, num_layers: int) -> ModelRunC
 
 # -- the trainer's flags -----------------------------------------------------------------------
 
-STAGES = ("pretrain", "sft")
-
-
 def build_train_parser() -> argparse.ArgumentParser:
-    """`python -m megatron_polar.train` flags. A `--config` YAML file sets any of them (keys are
-    the flag names without dashes, `-` or `_`); flags given on the command line win."""
+    """`python -m megatron_polar.train` flags, one per field of the trainer's config sections
+    (training/config.py) and of the model group. A `--config` YAML file sets any of them (keys
+    are the flag names without dashes, `-` or `_`); flags given on the command line win."""
     p = argparse.ArgumentParser(
         prog="python -m megatron_polar.train",
         description="Pre-train (POLAR) or fine-tune (ranked SFT) a reward model on megatron-core.")
     p.add_argument("--config", default=None, help="YAML file of flag values")
     p.add_argument("--stage", choices=STAGES, default="pretrain")
     add_model_args(p)
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=None,
-                   help="PREFIX, or WEIGHT PREFIX WEIGHT PREFIX ... (built by build_triplets)")
-    g.add_argument("--valid-data-path", nargs="+", default=None,
-                   help="separate validation datasets (default: --valid-fraction of --data-path)")
-    g.add_argument("--valid-fraction", type=float, default=0.0,
-                   help="share of each training dataset held out for validation")
-    g.add_argument("--tokenizer", default=None,
-                   help="the run's tokenizer; datasets built with another one are refused")
-    g.add_argument("--micro-batch-tokens", type=int, default=None,
-                   help="token budget of a packed micro-batch (whole pairs, best-fit packing)")
-    g.add_argument("--micro-batch-size", type=int, default=None,
-                   help="pairs per micro-batch (instead of a token budget)")
-    g.add_argument("--global-batch-size", type=int, default=None,
-                   help="triplets (pairs) per optimizer step, over all data-parallel ranks")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--min-lr", type=float, default=None, help="default: 0.1 x --lr")
-    g.add_argument("--lr-warmup-fraction", type=float, default=0.03)
-    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--train-iters", type=int, default=None)
-    g.add_argument("--train-tokens", type=float, default=None,
-                   help="stop after this many real tokens (the LR schedule's length is "
-                        "estimated from the datasets' mean pair length)")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--overlap-param-gather", action="store_true")
-    g.add_argument("--max-consecutive-skipped-steps", type=int, default=10,
-                   help="stop the run after this many steps in a row with non-finite "
-                        "loss or gradients (each is skipped and counted)")
-    g.add_argument("--auto-hparams", action="store_true",
-                   help="LR and global batch from the paper's laws (needs --base-tokens, "
-                        "--rm-tokens)")
-    g.add_argument("--base-tokens", type=float, default=None,
-                   help="tokens the base LLM was pre-trained on (D_p)")
-    g.add_argument("--rm-tokens", type=float, default=None,
-                   help="reward-model pre-training tokens (D_rm)")
-    g.add_argument("--model-params", type=float, default=None,
-                   help="model size N for --auto-hparams (default: the preset's nominal size)")
-
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--save", default=None, help="directory of training checkpoints")
-    g.add_argument("--load", default=None,
-                   help="resume from the latest checkpoint of this run directory (if there is "
-                        "one); a checkpoint without iterations (e.g. an HF import) gives the "
-                        "initial weights")
-    g.add_argument("--ckpt-step", type=int, default=None, help="resume from this iteration")
-    g.add_argument("--pretrained-checkpoint", default=None,
-                   help="initial weights (e.g. imported from HF) when --load has no checkpoint")
-    g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--keep-last-checkpoints", type=int, default=None)
-    g.add_argument("--async-save", action="store_true")
-    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
-                   help="save the distributed optimizer's state in model space, loadable at "
-                        "any TP/PP/DP (gathered on each TP/PP group's first DP rank while "
-                        "saving). Default: dp_reshardable, every rank writes its own shard "
-                        "and a resume may change DP but not TP/PP")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--finetune", action="store_true",
-                   help="with --load: take the weights only, start at iteration 0")
-
-    g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-interval", type=int, default=None)
-    g.add_argument("--eval-iters", type=int, default=10,
-                   help="validation steps (of --global-batch-size pairs) per evaluation")
-    g.add_argument("--log-interval", type=int, default=10)
-    g.add_argument("--log-json", default=None, help="append one JSON object per log line")
-    g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--wandb-project", default=None)
-    g.add_argument("--wandb-exp-name", default=None)
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="GPU dense bf16 peak for MFU (default: known from the GPU name)")
-    g.add_argument("--skip-train", action="store_true", help="load, evaluate, exit")
-
-    g = p.add_argument_group("fault injection (tests)")
-    g.add_argument("--inject-nan-at", type=int, nargs="*", default=[],
-                   help="make the loss NaN at these iterations")
-    g.add_argument("--exit-after-iteration", type=int, default=None,
-                   help="hard exit (no save) after this iteration, as a crash would")
-    g.add_argument("--exit-during-save", type=int, default=None,
-                   help="hard exit while writing this iteration's checkpoint")
-    g.add_argument("--inject-nan-grad-at", type=int, nargs="*", default=[],
-                   help="make the gradients NaN (the loss stays finite) at these iterations")
-    g.add_argument("--wait-for-signal-after-iteration", type=int, default=None,
-                   help="after logging this iteration, wait (every rank, up to 300 s) for "
-                        "SIGTERM, so that a test can signal a run at a known iteration")
+    for _, title, section in SECTIONS:
+        add_flags(p.add_argument_group(title), section)
     return p
+
+
+def train_config(args: argparse.Namespace, run: ModelRunConfig) -> TrainConfig:
+    """The typed config of parsed (and resolved) trainer flags; ConfigError names a bad flag."""
+    sections = {name: from_namespace(section, args) for name, _, section in SECTIONS}
+    return TrainConfig(stage=args.stage, model_preset=args.model_preset, run=run, **sections)
 
 
 def yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict:

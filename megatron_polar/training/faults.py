@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
 
+from megatron_polar.training.config import FaultConfig
 from megatron_polar.training.objective import with_nan_loss
 from megatron_polar.training.step import pair_forward_step
 
@@ -33,10 +34,10 @@ class FaultInjector:
     wait_seconds: float = 300.0
 
     @classmethod
-    def from_args(cls, args) -> "FaultInjector":
-        return cls(frozenset(args.inject_nan_at), frozenset(args.inject_nan_grad_at),
-                   args.exit_after_iteration, args.exit_during_save,
-                   args.wait_for_signal_after_iteration)
+    def from_config(cls, cfg: FaultConfig) -> "FaultInjector":
+        return cls(frozenset(cfg.inject_nan_at), frozenset(cfg.inject_nan_grad_at),
+                   cfg.exit_after_iteration, cfg.exit_during_save,
+                   cfg.wait_for_signal_after_iteration)
 
     def forward_step(self, iteration: int) -> Callable:
         """The forward step of `iteration` (1-based): the pairwise one, poisoned if asked."""

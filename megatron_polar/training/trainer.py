@@ -26,7 +26,6 @@ from megatron.core.timers import Timers
 from megatron_polar.data.dataset import DatasetError
 from megatron_polar.data.sampler import MicroBatchCountError
 from megatron_polar.config.flags import ConfigError
-from megatron_polar.model.config import ModelRunConfig
 from megatron_polar.model.presets import ModelPreset, get_preset
 from megatron_polar.model.spec import resolve_use_te
 from megatron_polar.runtime.checkpoints import (CheckpointError, is_checkpoint_dir,
@@ -38,14 +37,16 @@ from megatron_polar.runtime.device import compute_device
 from megatron_polar.runtime.parallel import (ParallelContext, any_rank, destroy_parallel,
                                              initialize_parallel)
 from megatron_polar.training.arguments import (parse_train_args, resolve_train_args,
-                                               run_config_from_args, write_resolved_config)
+                                               run_config_from_args, train_config,
+                                               write_resolved_config)
 from megatron_polar.training.batches import TrainingData
+from megatron_polar.training.config import TrainConfig
 from megatron_polar.training.checkpointing import (CheckpointWriter, load_checkpoint,
                                                    training_state_dict)
 from megatron_polar.training.faults import FaultInjectionTimeout, FaultInjector
 from megatron_polar.training.flops import peak_tflops_of_this_gpu, training_flops
 from megatron_polar.training.objective import PairMetrics, PairMetricsMean
-from megatron_polar.training.optimizer import OptimizerSettings, build_optimizer
+from megatron_polar.training.optimizer import build_optimizer
 from megatron_polar.training.policies import (CheckpointPolicy, MetricsWindow, NaNGuard,
                                               TrainingStopped, Validator)
 from megatron_polar.training.reporting import Reporter, memory_gib
@@ -62,33 +63,34 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, args, preset: ModelPreset, run: ModelRunConfig, ctx: ParallelContext,
+    def __init__(self, cfg: TrainConfig, preset: ModelPreset, ctx: ParallelContext,
                  reporter: Reporter):
-        """`args` as `resolve_train_args` returns them: derived values filled in."""
-        self.args, self.preset, self.ctx, self.reporter = args, preset, ctx, reporter
-        self.run_config = run
+        """`cfg` resolved (`resolve_train_args`): derived values filled in."""
+        self.cfg, self.preset, self.ctx, self.reporter = cfg, preset, ctx, reporter
+        self.run_config = cfg.run
         try:  # FP8, context parallelism, TP overlap: refused up front where they cannot run
             resolve_use_te(self.run_config)
         except RuntimeError as e:
             raise TrainingStopped(str(e)) from None
         self.timers = Timers(log_level=2, log_option="max")
-        self.data = TrainingData(args, preset, self.run_config, ctx, reporter)
+        self.data = TrainingData(cfg, preset, ctx, reporter)
         self.sampler, self.valid_stream = self.data.sampler, self.data.valid_stream
         self.train_iters = self.data.train_iters
         self._model_and_optimizer()
         self.state = TrainState()
-        self.guard = NaNGuard(args.max_consecutive_skipped_steps, reporter)
+        self.guard = NaNGuard(cfg.optim.max_consecutive_skipped_steps, reporter)
         self.window = MetricsWindow()
-        self.faults = FaultInjector.from_args(args)
-        self.validator = Validator(args.eval_interval, self._evaluate,
+        self.faults = FaultInjector.from_config(cfg.faults)
+        self.validator = Validator(cfg.logging.eval_interval, self._evaluate,
                                    enabled=self.valid_stream is not None)
         self._resume()
-        writer = (CheckpointWriter(args.save, args.keep_last_checkpoints, args.async_save,
+        ck = cfg.checkpoint
+        writer = (CheckpointWriter(ck.save, ck.keep_last_checkpoints, ck.async_save,
                                    fault_hook=self.faults.during_save,
                                    describe=self._describe_checkpoint,
                                    parallelization_group=ctx.pg.dp)
-                  if args.save else None)
-        self.checkpoints = CheckpointPolicy(writer, args.save_interval, self.save)
+                  if ck.save else None)
+        self.checkpoints = CheckpointPolicy(writer, ck.save_interval, self.save)
         self._signal = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -96,62 +98,57 @@ class Trainer:
 
     def _describe_checkpoint(self, directory: Path) -> None:
         """The preset and the tokenizer beside the shards: export and scoring need both."""
-        write_manifest(directory, self.preset, self.args.tokenizer)
+        write_manifest(directory, self.preset, self.cfg.data.tokenizer)
 
     def _model_and_optimizer(self) -> None:
-        a, run = self.args, self.run_config
+        c, run = self.cfg, self.run_config
         ddp = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=a.overlap_grad_reduce,
-            overlap_param_gather=a.overlap_param_gather,
-            use_distributed_optimizer=a.use_distributed_optimizer)
+            grad_reduce_in_fp32=True, overlap_grad_reduce=c.optim.overlap_grad_reduce,
+            overlap_param_gather=c.optim.overlap_param_gather,
+            use_distributed_optimizer=c.optim.use_distributed_optimizer)
         if run.tp_comm_overlap:  # every pack is padded to the budget (TrainingData)
-            initialize_userbuffers(a.micro_batch_tokens, self.preset.hidden_size,
+            initialize_userbuffers(c.data.micro_batch_tokens, self.preset.hidden_size,
                                    self.ctx.tp_size, fp8=run.fp8.enabled, bf16=run.bf16)
         try:
             self.chunks = build_model_chunks(self.preset, run, self.ctx, ddp)
         except ValueError as e:  # a layout this machine cannot build
             raise TrainingStopped(str(e)) from None
-        steps = max(self.train_iters, 1)
-        settings = OptimizerSettings(
-            lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay, adam_beta1=a.adam_beta1,
-            adam_beta2=a.adam_beta2, adam_eps=a.adam_eps, clip_grad=a.clip_grad,
-            warmup_steps=round(a.lr_warmup_fraction * steps), decay_style=a.lr_decay_style,
-            use_distributed_optimizer=a.use_distributed_optimizer)
+        settings = c.optim.settings(self.train_iters)
         self.optimizer = build_optimizer(self.chunks, settings, self.ctx, bf16=run.bf16)
-        self.scheduler = settings.scheduler(self.optimizer, steps)
+        self.scheduler = settings.scheduler(self.optimizer, self.train_iters)
 
     def _resume(self) -> None:
-        a = self.args
-        iteration = a.ckpt_step
-        if a.load and iteration is None:
-            iteration = latest_iteration(a.load)
-        if a.load and iteration is not None:
-            directory = resolve_checkpoint_dir(a.load, iteration)
-            if a.finetune:
+        c = self.cfg.checkpoint
+        iteration = c.ckpt_step
+        if c.load and iteration is None:
+            iteration = latest_iteration(c.load)
+        if c.load and iteration is not None:
+            directory = resolve_checkpoint_dir(c.load, iteration)
+            if c.finetune:
                 _read(directory, load_model_weights, self.chunks, directory)
                 self.reporter.print(f"fine-tuning from the weights of {directory}")
             else:
                 self._resume_from(directory)
-        elif a.pretrained_checkpoint or (a.load and is_checkpoint_dir(a.load)):
+        elif c.pretrained_checkpoint or (c.load and is_checkpoint_dir(c.load)):
             # `--load` of a checkpoint with no iterations (e.g. from HF import) starts from its
             # weights at iteration 0, as Megatron-LM does with converted "release" checkpoints.
             # (`--load` of a run directory with nothing saved yet is a fresh start, below.)
-            source = a.pretrained_checkpoint or a.load
-            if not a.pretrained_checkpoint and is_training_checkpoint(Path(source)):
+            source = c.pretrained_checkpoint or c.load
+            if not c.pretrained_checkpoint and is_training_checkpoint(Path(source)):
                 raise CheckpointError(f"{source} is a training checkpoint; pass its run "
                                       "directory to --load to resume, or --ckpt-step")
             found = _read(source, load_model_weights, self.chunks, source)
             self.reporter.print(f"initial weights from {found}")
-        elif a.stage == "sft":
+        elif self.cfg.stage == "sft":
             raise TrainingStopped("SFT starts from a pre-trained POLAR model: pass "
                                   "--pretrained-checkpoint (or --load a run to resume)")
         else:
             self.reporter.print("no checkpoint to load: training from random initialisation")
 
     def _resume_from(self, directory: Path) -> None:
-        a = self.args
+        c = self.cfg.checkpoint
         common = _read(directory, load_checkpoint, directory, self.chunks, self.optimizer,
-                       self.ctx, load_optimizer=not a.no_load_optim, load_rng=not a.no_load_rng)
+                       self.ctx, load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng)
         counters = common["train_state"]
         self.state = TrainState(**{f.name: counters[f.name] for f in fields(TrainState)})
         self.guard.load_state_dict(counters)
@@ -163,32 +160,32 @@ class Trainer:
         saved = common["layout"]
         self.reporter.print(f"resumed from {directory} (iteration {self.state.iteration}, "
                             f"saved at TP={saved['tp']} PP={saved['pp']} DP={saved['dp']})")
-        if a.no_load_optim:
+        if c.no_load_optim:
             self.reporter.print("optimizer state not loaded (--no-load-optim): fresh Adam "
                                 "moments")
-        if a.no_load_rng:
+        if c.no_load_rng:
             self.reporter.print("RNG state not restored (--no-load-rng)")
 
     # -- the loop ------------------------------------------------------------------------------
 
     def done(self) -> bool:
-        a, s = self.args, self.state
-        if a.train_tokens is not None:
-            return s.consumed_tokens >= a.train_tokens
+        c, s = self.cfg, self.state
+        if c.optim.train_tokens is not None:
+            return s.consumed_tokens >= c.optim.train_tokens
         return s.iteration >= self.train_iters
 
     def run(self) -> int:
-        a, s = self.args, self.state
-        if a.skip_train:
+        c, s = self.cfg, self.state
+        if c.logging.skip_train:
             self.validator.evaluate(s.iteration)
             return 0
         self.reporter.print(
-            f"training {self.preset.name} ({a.stage}) at TP={self.ctx.tp_size} "
+            f"training {self.preset.name} ({c.stage}) at TP={self.ctx.tp_size} "
             f"PP={self.ctx.pp_size} DP={self.ctx.dp_size}: {self.train_iters} iterations of "
-            f"{a.global_batch_size} triplets, lr {a.lr:.3g} -> {a.min_lr:.3g}")
+            f"{c.data.global_batch_size} triplets, lr {c.optim.lr:.3g} -> {c.optim.min_lr:.3g}")
         while not self.done():
             self.step()
-            if s.iteration % a.log_interval == 0:
+            if s.iteration % c.logging.log_interval == 0:
                 self._log_train()
             with self.window.paused():  # evaluation and saving do not count as step time
                 self.validator.after_step(s.iteration)
@@ -218,7 +215,7 @@ class Trainer:
         micro_batches = self.sampler.next_step()
         plan = self.sampler.last_plan
         self.timers("data").stop()
-        if self.args.micro_batch_size is not None:
+        if self.cfg.data.micro_batch_size is not None:
             assert len(micro_batches) == get_num_microbatches()
         result = train_step(self.chunks, self.optimizer, micro_batches, self.ctx, self.scheduler,
                             forward_step=self.faults.forward_step(s.iteration + 1))
@@ -239,7 +236,7 @@ class Trainer:
         self.timers("eval").start()
         sampler = self.data.new_sampler(self.valid_stream)
         mean = PairMetricsMean()
-        for _ in range(self.args.eval_iters):
+        for _ in range(self.cfg.logging.eval_iters):
             mean.add(evaluate_pairs(self.chunks, sampler.next_step(), self.ctx))
         self.timers("eval").stop()
         metrics, pairs = mean.result(), mean.pairs
@@ -260,14 +257,15 @@ class Trainer:
         flops, real, computed = sums.tolist()
         world = torch.distributed.get_world_size()
         tflops_per_gpu = flops / w.seconds / world / 1e12
-        peak = self.args.peak_tflops or peak_tflops_of_this_gpu()
+        peak = self.cfg.logging.peak_tflops or peak_tflops_of_this_gpu()
         m = w.metrics.result().means()
         figures = {
             **m, "grad_norm": w.last_grad_norm, "lr": self.scheduler.get_lr(
                 self.optimizer.param_groups[0]),
             "tokens_per_s": w.tokens / w.seconds, "tflops_per_gpu": tflops_per_gpu,
             "mfu": tflops_per_gpu / peak if peak else None,
-            "packing_efficiency": real / max(computed, 1), "skipped_steps": self.guard.skipped_steps,
+            "packing_efficiency": real / max(computed, 1),
+            "skipped_steps": self.guard.skipped_steps,
             "consumed_pairs": s.consumed_pairs, "consumed_tokens": s.consumed_tokens,
             "step_seconds": w.seconds / max(w.timed_steps, 1),
             "data_seconds": self.timers("data").elapsed(), **memory_gib()}
@@ -295,12 +293,14 @@ class Trainer:
                              "dp": self.ctx.dp_size, "vpp": self.ctx.vp_size}}
         state = training_state_dict(
             self.chunks, self.optimizer, self.ctx, common,
-            optimizer_format=("fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable
+            optimizer_format=("fully_reshardable"
+                              if self.cfg.checkpoint.dist_ckpt_optim_fully_reshardable
                               else "dp_reshardable"))
         self.checkpoints.writer.save(iteration, state)
         self.timers("save").stop()
-        self.reporter.print(f"checkpoint {'scheduled' if self.args.async_save else 'saved'}: "
-                            f"iteration {iteration} in {self.args.save} "
+        ck = self.cfg.checkpoint
+        self.reporter.print(f"checkpoint {'scheduled' if ck.async_save else 'saved'}: "
+                            f"iteration {iteration} in {ck.save} "
                             f"({self.timers('save').elapsed():.1f} s)")
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -344,13 +344,14 @@ def main(argv=None) -> int:
         preset = resolve_run_preset(args.model_preset, args.pretrained_checkpoint or args.load)
         run = run_config_from_args(args, preset.num_layers)
         args, notes = resolve_train_args(args, preset)
+        cfg = train_config(args, run)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except (ValueError, CheckpointError) as e:  # a bad marker or model.json
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    ctx = initialize_parallel(run)
+    ctx = initialize_parallel(cfg.run)
     rank = torch.distributed.get_rank()
     try:
         reporter = Reporter(rank, args.log_json, args.tensorboard_dir, args.wandb_project,
@@ -364,7 +365,7 @@ def main(argv=None) -> int:
     if args.save and rank == 0:
         write_resolved_config(args, args.save)
     try:
-        return Trainer(args, preset, run, ctx, reporter).run()
+        return Trainer(cfg, preset, ctx, reporter).run()
     except (TrainingStopped, DatasetError, CheckpointError, MicroBatchCountError,
             FaultInjectionTimeout) as e:
         # Every rank reaches the same decision; one line is enough. A checkpoint that one rank
