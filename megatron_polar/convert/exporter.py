@@ -141,14 +141,7 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "bf16",
     single_process_groups()  # dist_checkpointing.load needs a process group
     tensors = CheckpointTensors(directory)
     plan = units(preset, layout)
-    for unit in plan:
-        for m in unit.maps:
-            if m.megatron not in tensors.meta:
-                raise ConversionError(f"{directory}: no tensor {m.megatron}")
-            if tuple(tensors.meta[m.megatron].global_shape) != m.shape:
-                raise ConversionError(f"{directory}: tensor {m.megatron} has shape "
-                                      f"{list(tensors.meta[m.megatron].global_shape)}, preset "
-                                      f"{preset.name} implies {list(m.shape)}")
+    _check_tensors(directory, tensors, plan, preset)
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -165,26 +158,42 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "bf16",
         del loaded
     files = writer.close()
     copy_tokenizer(tok, tmp)
-    warnings, origin = [], None
-    if layout == INTERNLM2:
-        carried = _imported_config(imported)
-        config = reward_model_config(preset, dtype, carried if carried and carried.get(
-            "model_type") == "internlm2" else None)
-        code = find_reward_remote_code(imported if imported.is_dir() else None)
-        ship_remote_code(code, imported if imported.is_dir() else None, tmp)
-        if code is None:
-            warnings.append(missing_remote_code_warning(out))
-        else:
-            origin = code.describe()
-    else:
-        config = llama_seqcls_config(preset, dtype)
-        warnings += _remote_tokenizer_warnings(tmp, out)
+    config, origin, warnings = _config_and_code(layout, preset, dtype, imported, tmp, out)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tmp.rename(out)
     for message in warnings:
         logger.warning(message)
     return ExportReport(out, [out / f.name for f in files], count, writer.total_bytes, layout,
                         origin, warnings)
+
+
+def _check_tensors(directory: Path, tensors: "CheckpointTensors", plan, preset) -> None:
+    """Every tensor the layout reads is in the checkpoint, with the preset's shape."""
+    for unit in plan:
+        for m in unit.maps:
+            if m.megatron not in tensors.meta:
+                raise ConversionError(f"{directory}: no tensor {m.megatron}")
+            if tuple(tensors.meta[m.megatron].global_shape) != m.shape:
+                raise ConversionError(f"{directory}: tensor {m.megatron} has shape "
+                                      f"{list(tensors.meta[m.megatron].global_shape)}, preset "
+                                      f"{preset.name} implies {list(m.shape)}")
+
+
+def _config_and_code(layout: str, preset, dtype: str, imported: Path, tmp: Path,
+                     out: Path) -> tuple[dict, Optional[str], list[str]]:
+    """The export's config.json, with the remote code shipped beside it (InternLM2 layout):
+    (config, where the remote code came from, warnings)."""
+    if layout != INTERNLM2:
+        return llama_seqcls_config(preset, dtype), None, _remote_tokenizer_warnings(tmp, out)
+    carried = _imported_config(imported)
+    config = reward_model_config(preset, dtype, carried if carried and carried.get(
+        "model_type") == "internlm2" else None)
+    source = imported if imported.is_dir() else None
+    code = find_reward_remote_code(source)
+    ship_remote_code(code, source, tmp)
+    if code is None:
+        return config, None, [missing_remote_code_warning(out)]
+    return config, code.describe(), []
 
 
 def _imported_config(imported: Path) -> Optional[dict]:

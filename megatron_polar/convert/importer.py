@@ -156,28 +156,40 @@ def group_units(plan: list[Unit], bytes_per_element: int, part_bytes: int) -> li
     return parts
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
-              pipeline_parallel: int = 1, reward_token_id: Optional[int] = None,
-              preset_name: Optional[str] = None, tokenizer: Optional[str | Path] = None,
-              part_bytes: int = DEFAULT_PART_BYTES) -> ImportReport:
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
+@dataclass
+class _Source:
+    """An HF directory read and checked against the checkpoint to write."""
 
-    hf_dir, out = Path(hf_dir), Path(out)
+    hf_dir: Path
+    config: dict
+    layout: str
+    preset: ModelPreset
+    reader: HFWeightReader
+    head: str
+    reward: bool  # the weights have a reward head (else it starts at zero)
+    plan: list[Unit]
+    dropped: list[str]
+    tokenizer: Optional[Path]
+
+
+def _read_source(hf_dir: Path, tensor_parallel: int, pipeline_parallel: int,
+                 reward_token_id: Optional[int], preset_name: Optional[str],
+                 tokenizer: Optional[str | Path]) -> _Source:
+    config_path = str(hf_dir / "config.json")
     config = read_hf_config(hf_dir)
-    layout = hf_layout(config, str(hf_dir / "config.json"))
-    preset = preset_from_hf_config(config, str(hf_dir / "config.json"), reward_token_id)
+    layout = hf_layout(config, config_path)
+    preset = preset_from_hf_config(config, config_path, reward_token_id)
     if preset_name:
         given = get_preset(preset_name)
-        check_same_shape(preset, given, str(hf_dir / "config.json"))
+        check_same_shape(preset, given, config_path)
         preset = preset.replace(name=given.name)
-    check_layout(preset, tensor_parallel, pipeline_parallel, str(hf_dir / "config.json"))
+    check_layout(preset, tensor_parallel, pipeline_parallel, config_path)
     reader = HFWeightReader(hf_dir)
     head = head_name(layout)
     reward = head in reader
     if is_reward_config(config) and not reward:
-        raise ConversionError(f"{hf_dir / 'config.json'} declares {config['architectures']} but "
-                              f"the weights have no {head}")
+        raise ConversionError(f"{config_path} declares {config['architectures']} but the "
+                              f"weights have no {head}")
     plan = units(preset, layout)
     dropped = check_weights(reader, plan, reward, layout)
     tok_path = Path(tokenizer) if tokenizer else (
@@ -185,24 +197,59 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
         else None)
     if tok_path is not None:
         check_tokenizer(tok_path, preset)
+    return _Source(hf_dir, config, layout, preset, reader, head, reward, plan, dropped, tok_path)
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
+              pipeline_parallel: int = 1, reward_token_id: Optional[int] = None,
+              preset_name: Optional[str] = None, tokenizer: Optional[str | Path] = None,
+              part_bytes: int = DEFAULT_PART_BYTES) -> ImportReport:
+    hf_dir, out = Path(hf_dir), Path(out)
+    src = _read_source(hf_dir, tensor_parallel, pipeline_parallel, reward_token_id, preset_name,
+                       tokenizer)
     if out.exists():
         raise ConversionError(f"{out} already exists; remove it or choose another --out")
-
-    dtype = reader.dtype(plan[0].maps[0].hf[0])
-    leaves = {leaf.key: leaf for leaf in nested_values(meta_sharded_state_dict(preset))}
+    dtype = src.reader.dtype(src.plan[0].maps[0].hf[0])
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    parts, tensors = _write_parts(src, tmp, dtype, part_bytes)
+    write_manifest(tmp, src.preset, src.tokenizer)
+    (tmp / WEIGHTS_INDEX).write_text(json.dumps({
+        "format": "megatron_polar weights in parts", "version": 1, "parts": parts,
+        "dtype": str(dtype).removeprefix("torch."),
+        "source": {"hf_dir": str(hf_dir.resolve()),
+                   "architectures": src.config.get("architectures"), "layout": src.layout,
+                   "reward_head": "kept" if src.reward else "zero"},
+        "layout_checked": {"tensor_model_parallel_size": tensor_parallel,
+                           "pipeline_model_parallel_size": pipeline_parallel},
+    }, indent=2) + "\n")
+    (tmp / "hf").mkdir()
+    shutil.copy2(hf_dir / "config.json", tmp / "hf" / "config.json")
+    copy_remote_code(hf_dir, tmp / "hf")
+    tmp.rename(out)
+    return ImportReport(out, src.preset, "kept" if src.reward else "zero", len(parts), tensors,
+                        src.dropped)
+
+
+def _write_parts(src: _Source, tmp: Path, dtype: torch.dtype,
+                 part_bytes: int) -> tuple[list[dict], int]:
+    """The weights as megatron distributed checkpoints of about `part_bytes` each (peak
+    memory is one part); returns the parts' index entries and the HF tensors read."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    leaves = {leaf.key: leaf for leaf in nested_values(meta_sharded_state_dict(src.preset))}
     parts, tensors = [], 0
-    for k, group in enumerate(group_units(plan, dtype.itemsize, part_bytes)):
+    for k, group in enumerate(group_units(src.plan, dtype.itemsize, part_bytes)):
         state = {}
         for unit in group:
             for m in unit.maps:
-                if m.hf == (head,) and not reward:
+                if m.hf == (src.head,) and not src.reward:
                     # A base model has no head: it starts at zero, as the released trainer's does.
                     data = torch.zeros(m.shape, dtype=dtype)
                 else:
-                    data = m.join([reader.get(n) for n in m.hf])
+                    data = m.join([src.reader.get(n) for n in m.hf])
                 leaf = leaves[m.megatron]
                 leaf.data = data
                 if hasattr(leaf, "dtype"):
@@ -221,22 +268,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tensor_parallel: int = 1,
         del state
     if leaves:
         raise AssertionError(f"tensors not assigned to any part: {sorted(leaves)[:5]}")
-
-    write_manifest(tmp, preset, tok_path)
-    (tmp / WEIGHTS_INDEX).write_text(json.dumps({
-        "format": "megatron_polar weights in parts", "version": 1, "parts": parts,
-        "dtype": str(dtype).removeprefix("torch."),
-        "source": {"hf_dir": str(hf_dir.resolve()), "architectures": config.get("architectures"),
-                   "layout": layout,
-                   "reward_head": "kept" if reward else "zero"},
-        "layout_checked": {"tensor_model_parallel_size": tensor_parallel,
-                           "pipeline_model_parallel_size": pipeline_parallel},
-    }, indent=2) + "\n")
-    (tmp / "hf").mkdir()
-    shutil.copy2(hf_dir / "config.json", tmp / "hf" / "config.json")
-    copy_remote_code(hf_dir, tmp / "hf")
-    tmp.rename(out)
-    return ImportReport(out, preset, "kept" if reward else "zero", len(parts), tensors, dropped)
+    return parts, tensors
 
 
 def main_import(args) -> int:

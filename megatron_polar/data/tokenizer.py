@@ -165,38 +165,7 @@ class PolarTokenizer:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"tokenizer not found: {self.path}")
-        model_file = self.path if self.path.is_file() else self.path / "tokenizer.model"
-        json_file = None if self.path.is_file() else self.path / "tokenizer.json"
-        if model_file.is_file():
-            import sentencepiece
-
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-            self._hf = None
-            self.vocab_size = self._sp.get_piece_size()
-            lookup = self._sp_lookup
-            default_bos = self._sp.bos_id()
-            self.round_trips = self._sp_round_trips(model_file.read_bytes())
-            special_texts = self._sp_special_texts()
-            hf_added: set[str] = set()
-        elif json_file is not None and json_file.is_file():
-            try:
-                from tokenizers import Tokenizer
-            except ImportError:
-                raise ImportError(f"{json_file} needs the `tokenizers` package: "
-                                  "pip install 'megatron_polar[hf]'") from None
-            self._sp = None
-            self._hf = Tokenizer.from_file(str(json_file))
-            self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
-            lookup = self._hf.token_to_id
-            default_bos = lookup("<s>")
-            self.round_trips = False  # not analysed: the exact (measure, decode) path always
-            added = self._hf.get_added_tokens_decoder()
-            special_texts = {t.content: i for i, t in added.items() if t.special}
-            hf_added = {t.content for t in added.values()}
-        else:
-            raise ValueError(f"{self.path}: expected a sentencepiece .model file or a directory "
-                             "with tokenizer.model or tokenizer.json")
-
+        lookup, default_bos, special_texts, hf_added = self._open()
         config = self._hf_config()
         self.separator_id = self._resolve("separator_id", separator_id, lookup(REWARD_SEPARATOR))
         self.reward_token_id = self._resolve(
@@ -221,6 +190,40 @@ class PolarTokenizer:
         self._by_first_char: dict[str, list[str]] = {}
         for t in longest_first:
             self._by_first_char.setdefault(t[0], []).append(t)
+
+    def _open(self):
+        """Load the sentencepiece model or the HF tokenizer.json at `self.path`: (piece -> id
+        lookup, the tokenizer's own BOS id, its special texts -> ids, the texts HF splits at
+        itself)."""
+        model_file = self.path if self.path.is_file() else self.path / "tokenizer.model"
+        json_file = None if self.path.is_file() else self.path / "tokenizer.json"
+        if model_file.is_file():
+            import sentencepiece
+
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+            self._hf = None
+            self.vocab_size = self._sp.get_piece_size()
+            lookup = self._sp_lookup
+            default_bos = self._sp.bos_id()
+            self.round_trips = self._sp_round_trips(model_file.read_bytes())
+            return lookup, default_bos, self._sp_special_texts(), set()
+        elif json_file is not None and json_file.is_file():
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise ImportError(f"{json_file} needs the `tokenizers` package: "
+                                  "pip install 'megatron_polar[hf]'") from None
+            self._sp = None
+            self._hf = Tokenizer.from_file(str(json_file))
+            self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+            lookup = self._hf.token_to_id
+            default_bos = lookup("<s>")
+            self.round_trips = False  # not analysed: the exact (measure, decode) path always
+            added = self._hf.get_added_tokens_decoder()
+            return (lookup, default_bos, {t.content: i for i, t in added.items() if t.special},
+                    {t.content for t in added.values()})
+        raise ValueError(f"{self.path}: expected a sentencepiece .model file or a directory "
+                         "with tokenizer.model or tokenizer.json")
 
     special_texts: dict[str, int]
     """Text -> id of every special token that data text can contain: split out by `encode`,

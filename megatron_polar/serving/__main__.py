@@ -20,7 +20,12 @@ import threading
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron_polar.config.flags import add_flags
     from megatron_polar.eval.flags import add_scorer_args
+    from megatron_polar.serving.critic import CriticConfig
+    from megatron_polar.serving.postprocess import PostprocessConfig
+    from megatron_polar.serving.rewards import RequestLimits
+    from megatron_polar.serving.triton_models import TritonSettings
 
     p = argparse.ArgumentParser(prog="python -m megatron_polar.serving",
                                 description=__doc__.splitlines()[0])
@@ -44,43 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reward of a sequence whose prompt is not in the reference file "
                         "(default: refuse the request, naming the batch index)")
 
-    g = p.add_argument_group("reward post-processing (default: raw rewards, as released)")
-    g.add_argument("--reward-normalization", choices=["none", "fixed", "running"],
-                   default="none")
-    g.add_argument("--reward-mean", type=float, default=0.0, help="for 'fixed'")
-    g.add_argument("--reward-std", type=float, default=1.0, help="for 'fixed'")
-    g.add_argument("--reward-clip", type=float, default=None,
-                   help="clip rewards to [-C, C] after normalisation")
-
+    # Flags generated from the fields of the components they configure.
+    add_flags(p.add_argument_group("reward post-processing (default: raw rewards, as "
+                                   "released)"), PostprocessConfig, prefix="reward_")
     g = p.add_argument_group("servers")
-    g.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default localhost; 0.0.0.0 for actors on other nodes)")
-    g.add_argument("--port", type=int, default=5555, help="PyTriton HTTP port (NeMo-Aligner)")
-    g.add_argument("--grpc-port", type=int, default=None, help="Triton gRPC port (default off)")
-    g.add_argument("--metrics-port", type=int, default=None, help="Triton metrics (default off)")
+    add_flags(g, TritonSettings)
     g.add_argument("--pooling-port", type=int, default=23333,
                    help="HTTP port of /pooling (POLAR's client); 0 turns it off")
-    g.add_argument("--model-name", default="reward_model",
-                   help="PyTriton model name of the reward (NeMo-Aligner's reward_model.name)")
-    g.add_argument("--max-batch-size", type=int, default=64,
-                   help="sequences per request and per dynamically batched execution")
-    g.add_argument("--max-queue-delay-us", type=int, default=2000,
-                   help="Triton dynamic batcher's wait for more requests")
-    g.add_argument("--max-request-tokens", type=int, default=4 * 1024 * 1024,
-                   help="largest batch x sequence tokens of one request")
-    g.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024,
-                   help="largest /pooling request body")
-
+    add_flags(g, RequestLimits)
     g = p.add_argument_group("critic (NeMo-Aligner combine_rm_and_critic_server=True)")
     g.add_argument("--critic", action="store_true",
                    help="also serve critic_infer / critic_train / critic_save")
-    g.add_argument("--critic-lr", type=float, default=1e-5)
-    g.add_argument("--critic-loss-clip", type=float, default=0.2)
-    g.add_argument("--critic-weight-decay", type=float, default=0.0)
-    g.add_argument("--critic-clip-grad", type=float, default=1.0)
-    g.add_argument("--critic-global-batch-size", type=int, default=64)
-    g.add_argument("--critic-micro-batch-size", type=int, default=4)
-    g.add_argument("--critic-save", default=None, help="where critic_save writes checkpoints")
+    add_flags(g, CriticConfig, prefix="critic_")
     g.add_argument("--critic-load", default=None, help="resume the critic from a checkpoint")
     return p
 
@@ -110,7 +90,7 @@ def main(argv=None) -> int:
 
     try:
         server = build_server(args)
-    except ServerError as e:
+    except (ServerError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not server.is_front:

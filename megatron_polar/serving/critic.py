@@ -28,20 +28,24 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_polar.config.flags import option
 from megatron_polar.serving.collective import Collective
 from megatron_polar.serving.rewards import RequestError
 
 
 @dataclass(frozen=True)
 class CriticConfig:
-    lr: float = 1e-5  # POLAR's PPO recipe
-    clip: float = 0.2  # NeMo-Aligner's loss_clip_val
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    global_batch_size: int = 64  # sequences per optimizer step
-    micro_batch_size: int = 4  # sequences per forward-backward micro-batch
-    save_dir: Optional[str] = None
-    max_tokens: int = 4 * 1024 * 1024  # B x S of one request
+    # Flags --critic-lr, --critic-loss-clip, ... (serving/__main__.py).
+    lr: float = option(1e-5)  # POLAR's PPO recipe
+    clip: float = option(0.2, flag="--critic-loss-clip")  # NeMo-Aligner's loss_clip_val
+    weight_decay: float = option(0.0)
+    clip_grad: float = option(1.0)
+    global_batch_size: int = option(64)  # sequences per optimizer step
+    micro_batch_size: int = option(4)  # sequences per forward-backward micro-batch
+    save_dir: Optional[str] = option(None, flag="--critic-save",
+                                     help="where critic_save writes checkpoints")
+    # B x S of one request: the server's --max-request-tokens
+    max_tokens: int = option(4 * 1024 * 1024, cli=False)
 
 
 @dataclass

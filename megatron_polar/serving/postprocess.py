@@ -19,16 +19,19 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_polar.config.flags import option
+
 NORMALIZATIONS = ("none", "fixed", "running")
 
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    normalization: str = "none"
-    mean: float = 0.0  # for "fixed"
-    std: float = 1.0  # for "fixed"
-    clip: Optional[float] = None  # |reward| bound after normalisation; None: no clipping
-    eps: float = 1e-6  # floor of the running std (a constant reward stream)
+    # Flags --reward-normalization, --reward-mean, ... (serving/__main__.py).
+    normalization: str = option("none", choices=NORMALIZATIONS)
+    mean: float = option(0.0, help="for 'fixed'")
+    std: float = option(1.0, help="for 'fixed'")
+    clip: Optional[float] = option(None, help="clip rewards to [-C, C] after normalisation")
+    eps: float = option(1e-6, cli=False)  # floor of the running std (a constant reward stream)
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_polar.config.flags import option
 from megatron_polar.data.encoding import RecordError
 from megatron_polar.data.tokenizer import REWARD_SEPARATOR, REWARD_TOKEN
 from megatron_polar.serving.collective import Collective
@@ -33,9 +34,12 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class RequestLimits:
-    max_batch_size: int = 256  # sequences in one request
-    max_request_tokens: int = 4 * 1024 * 1024  # B x S of a token request; tokens of a text one
-    max_text_bytes: int = 8 * 1024 * 1024  # one /pooling body
+    # sequences in one request (the flag is TritonSettings' --max-batch-size)
+    max_batch_size: int = option(256, cli=False)
+    max_request_tokens: int = option(  # B x S of a token request; tokens of a text one
+        4 * 1024 * 1024, help="largest batch x sequence tokens of one request")
+    max_text_bytes: int = option(8 * 1024 * 1024, flag="--max-body-bytes",
+                                 help="largest /pooling request body")
 
 
 class PolarRewardService:

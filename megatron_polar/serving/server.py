@@ -92,6 +92,7 @@ class RewardServer:
 def build_server(args) -> RewardServer:
     """Load everything the flags name; ServerError for anything a user can fix."""
     from megatron_polar.data.encoding import RecordError
+    from megatron_polar.config.flags import from_namespace
     from megatron_polar.eval.flags import scoring_limits, source_from_args
     from megatron_polar.eval.scorer import RewardScorer, ScorerError
     from megatron_polar.serving.postprocess import PostprocessConfig, RewardPostprocessor
@@ -104,8 +105,7 @@ def build_server(args) -> RewardServer:
     if args.critic and args.references is None:
         raise ServerError("--critic serves NeMo-Aligner, whose requests need --references")
     try:
-        post = RewardPostprocessor(PostprocessConfig(
-            args.reward_normalization, args.reward_mean, args.reward_std, args.reward_clip))
+        post = RewardPostprocessor(from_namespace(PostprocessConfig, args, prefix="reward_"))
         limits = scoring_limits(args)
     except ValueError as e:
         raise ServerError(str(e)) from None
@@ -126,20 +126,16 @@ def build_server(args) -> RewardServer:
         raise ServerError(str(e)) from None
     service = PolarRewardService(
         scorer, references, post, args.unknown_prompt_reward,
-        RequestLimits(args.max_batch_size, args.max_request_tokens, args.max_body_bytes),
-        collective)
-    settings = TritonSettings(args.host, args.port, args.grpc_port, args.metrics_port,
-                              args.model_name, args.max_batch_size, args.max_queue_delay_us)
+        from_namespace(RequestLimits, args, max_batch_size=args.max_batch_size), collective)
+    settings = from_namespace(TritonSettings, args)
     return RewardServer(service, settings, critic, args.pooling_port)
 
 
 def _build_critic(args, source, run, collective):
+    from megatron_polar.config.flags import from_namespace
     from megatron_polar.serving.critic import CriticConfig, CriticService
 
-    config = CriticConfig(lr=args.critic_lr, clip=args.critic_loss_clip,
-                          weight_decay=args.critic_weight_decay, clip_grad=args.critic_clip_grad,
-                          global_batch_size=args.critic_global_batch_size,
-                          micro_batch_size=args.critic_micro_batch_size,
-                          save_dir=args.critic_save, max_tokens=args.max_request_tokens)
+    config = from_namespace(CriticConfig, args, prefix="critic_",
+                            max_tokens=args.max_request_tokens)
     # A second model beside the reward model, at the same layout; its weights are loaded.
     return CriticService.build(source, run, config, collective=collective, load=args.critic_load)

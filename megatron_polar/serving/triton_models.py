@@ -32,18 +32,26 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_polar.config.flags import option
 from megatron_polar.serving.rewards import RequestError
 
 
 @dataclass(frozen=True)
 class TritonSettings:
-    host: str = "127.0.0.1"
-    http_port: int = 5555
-    grpc_port: Optional[int] = None  # None: gRPC off (NeMo-Aligner's client speaks HTTP)
-    metrics_port: Optional[int] = None  # None: metrics off
-    reward_model_name: str = "reward_model"
-    max_batch_size: int = 64
-    max_queue_delay_microseconds: int = 2000
+    host: str = option(
+        "127.0.0.1",
+        help="address to bind (default localhost; 0.0.0.0 for actors on other nodes)")
+    http_port: int = option(5555, flag="--port", help="PyTriton HTTP port (NeMo-Aligner)")
+    # gRPC is off by default: NeMo-Aligner's client speaks HTTP
+    grpc_port: Optional[int] = option(None, help="Triton gRPC port (default off)")
+    metrics_port: Optional[int] = option(None, help="Triton metrics (default off)")
+    reward_model_name: str = option(
+        "reward_model", flag="--model-name",
+        help="PyTriton model name of the reward (NeMo-Aligner's reward_model.name)")
+    max_batch_size: int = option(
+        64, help="sequences per request and per dynamically batched execution")
+    max_queue_delay_microseconds: int = option(
+        2000, flag="--max-queue-delay-us", help="Triton dynamic batcher's wait for more requests")
 
 
 def prefer_own_libpython() -> None:
