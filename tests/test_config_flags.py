@@ -53,11 +53,15 @@ def parsers() -> dict:
             "serving": serving_parser(), "eval_preference": tool.build_parser()}
 
 
+# Flags added since the table was recorded, on purpose.
+ADDED = {"train": {"--exit-duration-in-mins"}}
+
+
 def test_every_cli_accepts_exactly_the_flags_it_did():
     now = {name: flag_table(p) for name, p in parsers().items()}
     assert sorted(now) == sorted(BEFORE)
     for name in BEFORE:
-        assert sorted(now[name]) == sorted(BEFORE[name]), name
+        assert sorted(now[name]) == sorted(set(BEFORE[name]) | ADDED.get(name, set())), name
         for opt, before in BEFORE[name].items():
             assert now[name][opt] == before, (name, opt)
 

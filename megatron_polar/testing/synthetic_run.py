@@ -1,28 +1,30 @@
 """Train a reward model on the synthetic policy-discrimination task and report held-out accuracy.
 
-The smallest end-to-end POLAR run: megatron model, packing, pairwise objective, megatron
-optimizer and LR schedule, on any machine (CPU included) in about a minute. It backs
-`make demo` until the full demo pipeline exists, and the learning test.
+The smallest end-to-end POLAR run: the trainer (training/trainer.py) fed from memory instead of
+indexed datasets: fresh pairs of never-seen policies every step, one held-out set of policies
+for validation. megatron model, packing, pairwise objective, megatron optimizer and LR
+schedule, NaN guard and logging are the trainer's own; it runs on any machine (CPU included)
+in about a minute. It backs `make demo-synthetic` and the learning test.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from megatron_polar.data.packing import pack_pairs
+from megatron_polar.data.packing import PackedMicroBatch, pack_pairs, pair_length
+from megatron_polar.data.sampler import StepPlan
 from megatron_polar.model.config import ModelRunConfig
 from megatron_polar.model.presets import get_preset
-from megatron_polar.runtime.chunks import build_model_chunks
-from megatron_polar.runtime.parallel import (ParallelContext, any_rank, initialize_parallel,
-                                             seed_everything)
+from megatron_polar.runtime.parallel import ParallelContext, initialize_parallel, seed_everything
 from megatron_polar.testing.synthetic_task import SyntheticTask
-from megatron_polar.training.objective import PairMetrics
-from megatron_polar.training.optimizer import OptimizerSettings, build_optimizer
-from megatron_polar.training.step import evaluate_pairs, train_step
+from megatron_polar.training.config import (CheckpointConfig, DataConfig, FaultConfig,
+                                            LoggingConfig, OptimConfig, TrainConfig)
+from megatron_polar.training.reporting import Reporter
+from megatron_polar.training.trainer import Trainer
 
 
 @dataclass
@@ -50,6 +52,23 @@ class SyntheticRunConfig:
     def __post_init__(self):
         if self.pairs_per_step < 1 or self.max_steps < 1:
             raise ValueError("pairs_per_step and max_steps must be >= 1")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ValueError("warmup_steps must lie in [0, max_steps)")
+
+    def train_config(self) -> TrainConfig:
+        """The trainer's config of this run (no datasets, no checkpoints)."""
+        budget = None if self.time_budget_s is None else self.time_budget_s / 60
+        return TrainConfig(
+            stage="pretrain", model_preset=self.model_preset, run=self.run,
+            data=DataConfig(global_batch_size=self.pairs_per_step,
+                            micro_batch_tokens=self.token_budget),
+            optim=OptimConfig(lr=self.lr, min_lr=self.min_lr,
+                              lr_warmup_fraction=self.warmup_steps / self.max_steps,
+                              train_iters=self.max_steps, exit_duration_in_mins=budget),
+            checkpoint=CheckpointConfig(),
+            logging=LoggingConfig(eval_interval=self.eval_interval, eval_iters=1,
+                                  log_interval=self.eval_interval),
+            faults=FaultConfig())
 
 
 @dataclass
@@ -66,6 +85,66 @@ class SyntheticRunReport:
         return asdict(self)
 
 
+class FreshPairs:
+    """The trainer's sampler, from memory: every step the next pairs of policies never seen
+    before (seeded by the step), this data-parallel rank's share packed."""
+
+    skipped_oversize = 0  # synthetic pairs always fit the budget
+
+    def __init__(self, task: SyntheticTask, cfg: SyntheticRunConfig, ctx: ParallelContext,
+                 pad_id: int):
+        self.task, self.cfg, self.ctx, self.pad_id = task, cfg, ctx, pad_id
+        self.step = 0
+        self.last_plan: Optional[StepPlan] = None
+
+    def next_step(self) -> list[PackedMicroBatch]:
+        pairs = self.task.pairs(None, self.cfg.pairs_per_step,
+                                seed=self.cfg.run.seed * 1_000_003 + self.step)
+        self.step += 1
+        self.last_plan = StepPlan([], tokens=sum(map(pair_length, pairs)), pairs=len(pairs))
+        return my_packs(pairs, self.cfg, self.ctx, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+class SyntheticData:
+    """What the trainer asks of its data (training/batches.py's `TrainingData`), from memory."""
+
+    def __init__(self, task: SyntheticTask, cfg: SyntheticRunConfig, ctx: ParallelContext,
+                 pad_id: int):
+        self.sampler = FreshPairs(task, cfg, ctx, pad_id)
+        self.train_iters = cfg.max_steps
+        held_out = task.make_policies(cfg.held_out_policies,
+                                      np.random.default_rng(10_000 + cfg.run.seed))
+        self.held_out = my_packs(task.pairs(held_out, cfg.held_out_pairs, seed=-1 % 2**32),
+                                 cfg, ctx, pad_id)
+
+    has_validation = True
+
+    def validation_steps(self, steps: int) -> Iterator[list[PackedMicroBatch]]:
+        """The held-out pairs, whole, in one step (`eval_iters` is 1)."""
+        yield self.held_out
+
+
+class RunLog(Reporter):
+    """The trainer's reporter for a synthetic run: lines to `log`, records kept."""
+
+    def __init__(self, log: Callable[[str], None]):
+        super().__init__(rank=0)
+        self._log, self.records, self.start = log, [], time.perf_counter()
+
+    def print(self, text: str) -> None:
+        self._log(text)
+
+    def log(self, kind: str, iteration: int, figures: dict, text: str) -> None:
+        self.records.append((kind, iteration, time.perf_counter() - self.start, figures))
+        self._log(text)
+
+
 def run_synthetic(cfg: SyntheticRunConfig, log: Callable[[str], None] = print,
                   ctx: Optional[ParallelContext] = None,
                   keep: Optional[dict] = None) -> SyntheticRunReport:
@@ -78,43 +157,27 @@ def run_synthetic(cfg: SyntheticRunConfig, log: Callable[[str], None] = print,
         seed_everything(cfg.run.seed, ctx)
     task = SyntheticTask.for_preset(preset, favourites=cfg.favourites,
                                     response_len=cfg.response_len, prompt_len=cfg.prompt_len)
-    chunks = build_model_chunks(preset, cfg.run, ctx)
-    settings = OptimizerSettings(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps)
-    optimizer = build_optimizer(chunks, settings, ctx, bf16=cfg.run.bf16)
-    scheduler = settings.scheduler(optimizer, cfg.max_steps)
-
-    held_out = task.make_policies(cfg.held_out_policies, np.random.default_rng(10_000 + cfg.run.seed))
-    eval_packs = _my_packs(task.pairs(held_out, cfg.held_out_pairs, seed=-1 % 2**32), cfg, ctx,
-                           preset.pad_token_id)
-    before = evaluate_pairs(chunks, eval_packs, ctx)
-    log(f"held-out accuracy before training: {before.accuracy:.3f} (chance is 0.5)")
-
-    history, tokens, start, step = [], 0, time.perf_counter(), 0
-    while step < cfg.max_steps:
-        if cfg.time_budget_s is not None and any_rank(time.perf_counter() - start > cfg.time_budget_s):
-            break
-        # Fresh policies every step: nothing to memorise, only the comparison to learn.
-        pairs = task.pairs(None, cfg.pairs_per_step, seed=cfg.run.seed * 1_000_003 + step)
-        result = train_step(chunks, optimizer, _my_packs(pairs, cfg, ctx, preset.pad_token_id),
-                            ctx, scheduler)
-        tokens += result.num_tokens
-        step += 1
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            held = evaluate_pairs(chunks, eval_packs, ctx)
-            history.append(dict(step=step, seconds=time.perf_counter() - start,
-                                train_loss=result.metrics.loss, held_out_accuracy=held.accuracy))
-            log(f"step {step:4d}  loss {result.metrics.loss:.4f}  "
-                f"train acc {result.metrics.accuracy:.3f}  held-out acc {held.accuracy:.3f}")
+    reporter = RunLog(log)
+    trainer = Trainer(cfg.train_config(), preset, ctx, reporter,
+                      data=SyntheticData(task, cfg, ctx, preset.pad_token_id))
+    before = trainer.validator.evaluate(0)
+    start = time.perf_counter()
+    trainer.run()
     seconds = time.perf_counter() - start
     if keep is not None:
-        keep["chunks"] = chunks
-    after: PairMetrics = evaluate_pairs(chunks, eval_packs, ctx)
-    log(f"held-out accuracy after {step} steps ({seconds:.1f}s): {after.accuracy:.3f}")
-    return SyntheticRunReport(before.accuracy, after.accuracy, after.loss, step, seconds,
-                              tokens * ctx.dp_size / max(seconds, 1e-9), history)
+        keep["chunks"] = trainer.chunks
+    valid = {it: f for kind, it, _, f in reporter.records if kind == "valid"}
+    train = {it: (t, f) for kind, it, t, f in reporter.records if kind == "train"}
+    history = [dict(step=it, seconds=train[it][0], train_loss=train[it][1]["loss"],
+                    held_out_accuracy=valid[it]["accuracy"]) for it in sorted(valid)
+               if it in train]
+    steps = trainer.state.iteration
+    return SyntheticRunReport(before.accuracy, valid[steps]["accuracy"], valid[steps]["loss"],
+                              steps, seconds, trainer.state.consumed_tokens / max(seconds, 1e-9),
+                              history)
 
 
-def _my_packs(pairs, cfg: SyntheticRunConfig, ctx: ParallelContext, pad_id: int):
+def my_packs(pairs, cfg: SyntheticRunConfig, ctx: ParallelContext,
+             pad_id: int) -> list[PackedMicroBatch]:
     """This data-parallel rank's share of the pairs, packed."""
     return pack_pairs(pairs[ctx.dp_rank::ctx.dp_size], cfg.token_budget, pad_id)
-

@@ -8,13 +8,14 @@ before any step, and owns the sampler whose `state_dict` a checkpoint keeps.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 
 from megatron_polar.data.dataset import BlendSpec, DatasetError, TripletStream
+from megatron_polar.data.packing import PackedMicroBatch
 from megatron_polar.data.sampler import PackingSampler
 from megatron_polar.model.presets import ModelPreset
 from megatron_polar.runtime.parallel import ParallelContext
@@ -87,9 +88,19 @@ class TrainingData:
                             "average); the LR schedule spans them")
         return iters
 
+    @property
+    def has_validation(self) -> bool:
+        return self.valid_stream is not None
+
+    def validation_steps(self, steps: int) -> Iterator[list[PackedMicroBatch]]:
+        """`steps` steps of validation pairs, the same pairs at every evaluation (a fresh
+        sampler over the validation stream each time)."""
+        sampler = self.new_sampler(self.valid_stream)
+        for _ in range(steps):
+            yield sampler.next_step()
+
     def new_sampler(self, stream: TripletStream) -> PackingSampler:
-        """A packing sampler over `stream` for this rank (the validator makes a fresh one over
-        the validation stream for each evaluation: the same pairs every time)."""
+        """A packing sampler over `stream` for this rank."""
         d, ctx = self.cfg.data, self.ctx
         # megatron's interleaved (VPP) schedule needs a multiple of PP micro-batches per step
         # (pipeline_parallel/schedules.py 0.16.1, lines 995-1015) and one activation shape per

@@ -73,6 +73,9 @@ class OptimConfig:
     train_tokens: Optional[float] = option(
         None, help="stop after this many real tokens (the LR schedule's length is estimated "
                    "from the datasets' mean pair length)")
+    exit_duration_in_mins: Optional[float] = option(
+        None, help="end the run (validation, checkpoint) after this many minutes of wall time, "
+                   "as Megatron-LM does")
     use_distributed_optimizer: bool = option(False)
     overlap_grad_reduce: bool = option(False)
     overlap_param_gather: bool = option(False)
@@ -93,6 +96,9 @@ class OptimConfig:
             raise ValueError("--lr-warmup-fraction must lie in [0, 1), got "
                              f"{self.lr_warmup_fraction}")
         _at_least(self.train_iters, 0, "--train-iters")
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise ValueError("--exit-duration-in-mins must be > 0, got "
+                             f"{self.exit_duration_in_mins}")
         _at_least(self.max_consecutive_skipped_steps, 1, "--max-consecutive-skipped-steps")
 
     def settings(self, total_steps: int) -> OptimizerSettings:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -64,17 +65,21 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, preset: ModelPreset, ctx: ParallelContext,
-                 reporter: Reporter):
-        """`cfg` resolved (`resolve_train_args`): derived values filled in."""
+                 reporter: Reporter, data: Optional[TrainingData] = None):
+        """`cfg` resolved (`resolve_train_args`): derived values filled in. `data` is the
+        indexed datasets `cfg.data` names unless given (an object with `TrainingData`'s
+        `sampler`, `train_iters`, `has_validation` and `validation_steps`: the synthetic run
+        feeds the trainer from memory, testing/synthetic_run.py)."""
         self.cfg, self.preset, self.ctx, self.reporter = cfg, preset, ctx, reporter
+        self.started = time.monotonic()  # for --exit-duration-in-mins
         self.run_config = cfg.run
         try:  # FP8, context parallelism, TP overlap: refused up front where they cannot run
             resolve_use_te(self.run_config)
         except RuntimeError as e:
             raise TrainingStopped(str(e)) from None
         self.timers = Timers(log_level=2, log_option="max")
-        self.data = TrainingData(cfg, preset, ctx, reporter)
-        self.sampler, self.valid_stream = self.data.sampler, self.data.valid_stream
+        self.data = data if data is not None else TrainingData(cfg, preset, ctx, reporter)
+        self.sampler = self.data.sampler
         self.train_iters = self.data.train_iters
         self._model_and_optimizer()
         self.state = TrainState()
@@ -82,7 +87,7 @@ class Trainer:
         self.window = MetricsWindow()
         self.faults = FaultInjector.from_config(cfg.faults)
         self.validator = Validator(cfg.logging.eval_interval, self._evaluate,
-                                   enabled=self.valid_stream is not None)
+                                   enabled=self.data.has_validation)
         self._resume()
         ck = cfg.checkpoint
         writer = (CheckpointWriter(ck.save, ck.keep_last_checkpoints, ck.async_save,
@@ -92,7 +97,7 @@ class Trainer:
                   if ck.save else None)
         self.checkpoints = CheckpointPolicy(writer, ck.save_interval, self.save)
         self._signal = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -171,10 +176,31 @@ class Trainer:
     def done(self) -> bool:
         c, s = self.cfg, self.state
         if c.optim.train_tokens is not None:
-            return s.consumed_tokens >= c.optim.train_tokens
-        return s.iteration >= self.train_iters
+            finished = s.consumed_tokens >= c.optim.train_tokens
+        else:
+            finished = s.iteration >= self.train_iters
+        return finished or self._out_of_time()
+
+    def _out_of_time(self) -> bool:
+        """--exit-duration-in-mins (Megatron-LM's): the run ends as if at its last step
+        (validation, checkpoint) once that much wall time has passed, on every rank alike."""
+        limit = self.cfg.optim.exit_duration_in_mins
+        if limit is None or self.state.iteration == 0:  # checked after each step, as Megatron-LM
+            return False
+        if not any_rank(time.monotonic() - self.started > 60 * limit):
+            return False
+        self.reporter.print(f"--exit-duration-in-mins {limit:g}: stopping after iteration "
+                            f"{self.state.iteration}")
+        return True
 
     def run(self) -> int:
+        """Train to the end (or SIGTERM); the SIGTERM handler is the caller's again after."""
+        try:
+            return self._run()
+        finally:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+
+    def _run(self) -> int:
         c, s = self.cfg, self.state
         if c.logging.skip_train:
             self.validator.evaluate(s.iteration)
@@ -234,10 +260,9 @@ class Trainer:
     def _evaluate(self, iteration: int) -> Optional[PairMetrics]:
         """Loss/accuracy over `--eval-iters` validation steps, the same pairs every time."""
         self.timers("eval").start()
-        sampler = self.data.new_sampler(self.valid_stream)
         mean = PairMetricsMean()
-        for _ in range(self.cfg.logging.eval_iters):
-            mean.add(evaluate_pairs(self.chunks, sampler.next_step(), self.ctx))
+        for micro_batches in self.data.validation_steps(self.cfg.logging.eval_iters):
+            mean.add(evaluate_pairs(self.chunks, micro_batches, self.ctx))
         self.timers("eval").stop()
         metrics, pairs = mean.result(), mean.pairs
         figures = {**metrics.means(), "pairs": pairs, "seconds": self.timers("eval").elapsed()}
