@@ -145,20 +145,11 @@ def tree_bytes(path: Path, pattern: str = "*") -> int:
     return sum(f.stat().st_size for f in path.rglob(pattern) if f.is_file())
 
 
-def bench_format(fmt, args, preset, run, ctx) -> dict:
-    import torch
-
+def trained_model(preset, run, ctx, args):
+    """A model and optimizer after one real training step (Adam state that is not zero)."""
     from megatron_polar.data.packing import pack_pairs
     from megatron_polar.runtime.schedules import sync_params
-    from megatron_polar.training.checkpointing import (CheckpointWriter, load_checkpoint,
-                                                       training_state_dict)
     from megatron_polar.training.step import train_step
-
-    rank = torch.distributed.get_rank()
-    save_dir = Path(args.dir) / f"{fmt}{'-bf16' if args.bf16 else ''}"
-    if rank == 0 and save_dir.exists():
-        shutil.rmtree(save_dir)
-    torch.distributed.barrier()
 
     chunks, optimizer = build(preset, run, ctx, args.bf16, args.use_distributed_optimizer)
     # Same pairs on every TP/PP rank of a DP replica, different ones per replica.
@@ -168,6 +159,30 @@ def bench_format(fmt, args, preset, run, ctx) -> dict:
     if not result.update_successful:
         raise RuntimeError("the training step was skipped; no Adam state to save")
     sync_params(chunks)
+    return chunks, optimizer
+
+
+def optimizer_states_equal(saved, loaded) -> bool:
+    import torch
+
+    return len(loaded) == len(saved) and all(
+        len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+        for a, b in zip(saved, loaded))
+
+
+def bench_format(fmt, args, preset, run, ctx) -> dict:
+    import torch
+
+    from megatron_polar.training.checkpointing import (CheckpointWriter, load_checkpoint,
+                                                       training_state_dict)
+
+    rank = torch.distributed.get_rank()
+    save_dir = Path(args.dir) / f"{fmt}{'-bf16' if args.bf16 else ''}"
+    if rank == 0 and save_dir.exists():
+        shutil.rmtree(save_dir)
+    torch.distributed.barrier()
+
+    chunks, optimizer = trained_model(preset, run, ctx, args)
     saved_model = model_snapshot(chunks)
     saved_optim = optimizer_snapshot(optimizer)
     n_params = sum(v.numel() for v in saved_model.values())
@@ -205,9 +220,7 @@ def bench_format(fmt, args, preset, run, ctx) -> dict:
 
     bad = mismatches(saved_model, model_snapshot(chunks))
     loaded_optim = optimizer_snapshot(optimizer)
-    optim_ok = len(loaded_optim) == len(saved_optim) and all(
-        len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
-        for a, b in zip(saved_optim, loaded_optim))
+    optim_ok = optimizer_states_equal(saved_optim, loaded_optim)
     out = {"format": fmt, "rank": rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank,
            "dp_rank": ctx.dp_rank, "local_params": n_params, "save_s": save_s, "load_s": load_s,
            "save_rss_increase_mib": save_mem.increase, "load_rss_increase_mib": load_mem.increase,
@@ -218,6 +231,43 @@ def bench_format(fmt, args, preset, run, ctx) -> dict:
     del chunks, optimizer
     gc.collect()
     return out
+
+
+def report(rows: list[dict], args, preset, ctx, world: int) -> None:
+    """Every rank's figures as a table (problems to stderr), and as JSON with --json."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU, {torch.get_num_threads()} thread(s) per rank, gloo"
+    print(f"{preset.name}, {'bf16' if args.bf16 else 'fp32'}, world {world} "
+          f"(TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}), "
+          f"distributed optimizer: {args.use_distributed_optimizer}, {device}")
+    print(f"{'format':<18} {'rank':>4} {'params':>10} {'save s':>7} {'load s':>7} "
+          f"{'save +RSS MiB':>13} {'load +RSS MiB':>13} {'written MiB':>11} "
+          f"{'ckpt MiB':>8} {'verified':>8}")
+    for r in rows:
+        ckpt = f"{r['checkpoint_mib']:.1f}" if r["checkpoint_mib"] is not None else ""
+        verified = "yes" if r["weights_equal"] and r["optimizer_equal"] else "NO"
+        print(f"{r['format']:<18} {r['rank']:>4} {r['local_params']:>10,} {r['save_s']:>7.2f} "
+              f"{r['load_s']:>7.2f} {r['save_rss_increase_mib']:>13.1f} "
+              f"{r['load_rss_increase_mib']:>13.1f} {r['written_mib']:>11.1f} {ckpt:>8} "
+              f"{verified:>8}")
+    for r in rows:
+        if not r["weights_equal"]:
+            print(f"rank {r['rank']} {r['format']}: weights differ after load: "
+                  f"{r['mismatched']}", file=sys.stderr)
+        if not r["optimizer_equal"]:
+            print(f"rank {r['rank']} {r['format']}: optimizer state differs after load",
+                  file=sys.stderr)
+        if not r["fresh_model_differed"]:
+            print(f"rank {r['rank']} {r['format']}: note: the fresh model already equalled "
+                  "the saved one (the check proves less)", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"preset": preset.name, "bf16": args.bf16, "world_size": world,
+             "tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size,
+             "distributed_optimizer": args.use_distributed_optimizer, "ranks": rows},
+            indent=2) + "\n")
 
 
 def main(argv=None):
@@ -268,37 +318,7 @@ def main(argv=None):
 
     ok = all(r["weights_equal"] and r["optimizer_equal"] for r in rows)
     if rank == 0:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-            f"CPU, {torch.get_num_threads()} thread(s) per rank, gloo"
-        print(f"{preset.name}, {'bf16' if args.bf16 else 'fp32'}, world {world} "
-              f"(TP={ctx.tp_size} PP={ctx.pp_size} DP={ctx.dp_size}), "
-              f"distributed optimizer: {args.use_distributed_optimizer}, {device}")
-        print(f"{'format':<18} {'rank':>4} {'params':>10} {'save s':>7} {'load s':>7} "
-              f"{'save +RSS MiB':>13} {'load +RSS MiB':>13} {'written MiB':>11} "
-              f"{'ckpt MiB':>8} {'verified':>8}")
-        for r in rows:
-            ckpt = f"{r['checkpoint_mib']:.1f}" if r["checkpoint_mib"] is not None else ""
-            verified = "yes" if r["weights_equal"] and r["optimizer_equal"] else "NO"
-            print(f"{r['format']:<18} {r['rank']:>4} {r['local_params']:>10,} {r['save_s']:>7.2f} "
-                  f"{r['load_s']:>7.2f} {r['save_rss_increase_mib']:>13.1f} "
-                  f"{r['load_rss_increase_mib']:>13.1f} {r['written_mib']:>11.1f} {ckpt:>8} "
-                  f"{verified:>8}")
-        for r in rows:
-            if not r["weights_equal"]:
-                print(f"rank {r['rank']} {r['format']}: weights differ after load: "
-                      f"{r['mismatched']}", file=sys.stderr)
-            if not r["optimizer_equal"]:
-                print(f"rank {r['rank']} {r['format']}: optimizer state differs after load",
-                      file=sys.stderr)
-            if not r["fresh_model_differed"]:
-                print(f"rank {r['rank']} {r['format']}: note: the fresh model already equalled "
-                      "the saved one (the check proves less)", file=sys.stderr)
-        if args.json:
-            Path(args.json).write_text(json.dumps(
-                {"preset": preset.name, "bf16": args.bf16, "world_size": world,
-                 "tp": ctx.tp_size, "pp": ctx.pp_size, "dp": ctx.dp_size,
-                 "distributed_optimizer": args.use_distributed_optimizer, "ranks": rows},
-                indent=2) + "\n")
+        report(rows, args, preset, ctx, world)
     return 0 if ok else 1
 
 

@@ -70,16 +70,7 @@ def main(argv=None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="polar_convert_bench_"))
     try:
         hf = work / "hf"
-        start = time.perf_counter()
-        # In a child process, so that this one stays small while it watches the conversions.
-        subprocess.run([sys.executable, "-c", (
-            "import sys, torch; sys.path.insert(0, sys.argv[1]); "
-            "from megatron_polar.testing.hf_checkpoints import write_random_internlm2 as w; "
-            "from megatron_polar.model.presets import get_preset; "
-            "w(sys.argv[2], get_preset(sys.argv[3]), reward=False, dtype=torch.bfloat16, "
-            "max_shard_bytes=int(float(sys.argv[4])))"),
-            str(ROOT), str(hf), preset.name, str(args.shard_size_gb * 1e9)], check=True)
-        written = time.perf_counter() - start
+        written = write_random_checkpoint(hf, preset.name, args.shard_size_gb)
         shards = sorted(hf.glob("*.safetensors"))
         largest_shard = max(f.stat().st_size for f in shards)
         largest_tensor = 2 * max(
@@ -116,6 +107,20 @@ def main(argv=None) -> int:
               f"in {result['shards']} shards)")
     print(json.dumps(result))
     return 0
+
+
+def write_random_checkpoint(hf: Path, preset: str, shard_size_gb: float) -> float:
+    """A random-weight bf16 base model of `preset` in `hf`; returns the seconds it took. In a
+    child process, so that this one stays small while it watches the conversions."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); "
+        "from megatron_polar.testing.hf_checkpoints import write_random_internlm2 as w; "
+        "from megatron_polar.model.presets import get_preset; "
+        "w(sys.argv[2], get_preset(sys.argv[3]), reward=False, dtype=torch.bfloat16, "
+        "max_shard_bytes=int(float(sys.argv[4])))"),
+        str(ROOT), str(hf), preset, str(shard_size_gb * 1e9)], check=True)
+    return time.perf_counter() - start
 
 
 def write_tokenizer(work: Path) -> Path:

@@ -51,6 +51,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def write_report(args, scorer, reports: dict, seconds: float) -> None:
+    """The tables on stdout and, with --output-json, the whole report as JSON."""
+    ctx = scorer.ctx
+    report = {
+        "model": {**scorer.source.describe(),
+                  "seed": args.seed if args.init_preset else None},
+        "encoding": {"max_length": args.max_length,
+                     "max_response_length": args.max_response_length},
+        "layout": {"tensor_model_parallel_size": ctx.tp_size,
+                   "pipeline_model_parallel_size": ctx.pp_size,
+                   "data_parallel_size": ctx.dp_size},
+        "seconds": round(seconds, 3),
+    }
+    if "preference" in reports:
+        report["preference"] = {"files": args.ranked, "category_field": args.category_field,
+                                **reports["preference"].as_dict()}
+    if "discrimination" in reports:
+        report["discrimination"] = {"max_triplets": args.max_triplets,
+                                    **reports["discrimination"].as_dict()}
+    print(f"model: {scorer.source.kind} {scorer.source.path or scorer.preset.name} "
+          f"(preset {scorer.preset.name})")
+    for r in reports.values():
+        print("\n" + r.table())
+    if args.output_json:
+        with open(args.output_json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        print(f"\nreport: {args.output_json}")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -63,11 +93,11 @@ def main(argv=None) -> int:
 
     import torch
 
+    from megatron_polar.config.flags import ConfigError
     from megatron_polar.data.encoding import RecordError
     from megatron_polar.eval.discrimination import evaluate_discrimination, load_policy_triplets
-    from megatron_polar.eval.preference import EvalInputError, evaluate_preference, read_ranked
-    from megatron_polar.config.flags import ConfigError
     from megatron_polar.eval.flags import scorer_from_args
+    from megatron_polar.eval.preference import EvalInputError, evaluate_preference, read_ranked
     from megatron_polar.eval.scorer import ScorerError
     from megatron_polar.runtime.parallel import destroy_parallel
 
@@ -89,32 +119,7 @@ def main(argv=None) -> int:
 
     # Every rank holds the rewards (RewardScorer broadcasts them); rank 0 reports.
     if torch.distributed.get_rank() == 0:
-        ctx = scorer.ctx
-        report = {
-            "model": {**scorer.source.describe(),
-                      "seed": args.seed if args.init_preset else None},
-            "encoding": {"max_length": args.max_length,
-                         "max_response_length": args.max_response_length},
-            "layout": {"tensor_model_parallel_size": ctx.tp_size,
-                       "pipeline_model_parallel_size": ctx.pp_size,
-                       "data_parallel_size": ctx.dp_size},
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        if "preference" in reports:
-            report["preference"] = {"files": args.ranked, "category_field": args.category_field,
-                                    **reports["preference"].as_dict()}
-        if "discrimination" in reports:
-            report["discrimination"] = {"max_triplets": args.max_triplets,
-                                        **reports["discrimination"].as_dict()}
-        print(f"model: {scorer.source.kind} {scorer.source.path or scorer.preset.name} "
-              f"(preset {scorer.preset.name})")
-        for r in reports.values():
-            print("\n" + r.table())
-        if args.output_json:
-            with open(args.output_json, "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=1, ensure_ascii=False)
-                f.write("\n")
-            print(f"\nreport: {args.output_json}")
+        write_report(args, scorer, reports, time.perf_counter() - start)
     torch.distributed.barrier()
     destroy_parallel()
     return 0

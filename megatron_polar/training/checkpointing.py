@@ -354,3 +354,26 @@ def load_checkpoint(directory: Path, chunks, optimizer, ctx, load_optimizer: boo
     if load_rng and same_layout:
         _set_rng_state(loaded["rng_state"])
     return common
+
+
+def load_explained(directory, load, *args, **kwargs):
+    """A load that fails inside megatron or torch (a truncated or corrupt shard, tensors of
+    another shape) becomes one line naming the checkpoint, not a traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return load(*args, **kwargs)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # the latter is a BaseException
+        cause, where = e, ""
+        if isinstance(e, CheckpointException) and e.failures:
+            # torch gathers every rank's failure: the same error on all of them
+            rank, (cause, _) = next(iter(sorted(e.failures.items())))
+            where = f" on rank {rank}"
+        lines = str(cause).strip().splitlines()
+        error = CheckpointError(f"{directory}: cannot be read ({type(cause).__name__}"
+                                + (f": {lines[0]}" if lines else "") + f"{where})")
+        # Otherwise possibly this rank's failure alone: it reports it itself (main).
+        error.on_any_rank = not isinstance(e, CheckpointException)
+        raise error from None

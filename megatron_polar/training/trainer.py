@@ -43,7 +43,7 @@ from megatron_polar.training.arguments import (parse_train_args, resolve_train_a
 from megatron_polar.training.batches import TrainingData
 from megatron_polar.training.config import TrainConfig
 from megatron_polar.training.checkpointing import (CheckpointWriter, load_checkpoint,
-                                                   training_state_dict)
+                                                   load_explained, training_state_dict)
 from megatron_polar.training.faults import FaultInjectionTimeout, FaultInjector
 from megatron_polar.training.flops import peak_tflops_of_this_gpu, training_flops
 from megatron_polar.training.objective import PairMetrics, PairMetricsMean
@@ -130,7 +130,7 @@ class Trainer:
         if c.load and iteration is not None:
             directory = resolve_checkpoint_dir(c.load, iteration)
             if c.finetune:
-                _read(directory, load_model_weights, self.chunks, directory)
+                load_explained(directory, load_model_weights, self.chunks, directory)
                 self.reporter.print(f"fine-tuning from the weights of {directory}")
             else:
                 self._resume_from(directory)
@@ -142,7 +142,7 @@ class Trainer:
             if not c.pretrained_checkpoint and is_training_checkpoint(Path(source)):
                 raise CheckpointError(f"{source} is a training checkpoint; pass its run "
                                       "directory to --load to resume, or --ckpt-step")
-            found = _read(source, load_model_weights, self.chunks, source)
+            found = load_explained(source, load_model_weights, self.chunks, source)
             self.reporter.print(f"initial weights from {found}")
         elif self.cfg.stage == "sft":
             raise TrainingStopped("SFT starts from a pre-trained POLAR model: pass "
@@ -152,7 +152,7 @@ class Trainer:
 
     def _resume_from(self, directory: Path) -> None:
         c = self.cfg.checkpoint
-        common = _read(directory, load_checkpoint, directory, self.chunks, self.optimizer,
+        common = load_explained(directory, load_checkpoint, directory, self.chunks, self.optimizer,
                        self.ctx, load_optimizer=not c.no_load_optim, load_rng=not c.no_load_rng)
         counters = common["train_state"]
         self.state = TrainState(**{f.name: counters[f.name] for f in fields(TrainState)})
@@ -330,29 +330,6 @@ class Trainer:
 
     def _on_sigterm(self, signum, frame) -> None:
         self._signal = True  # acted on at the end of the current step, on every rank
-
-
-def _read(directory, load, *args, **kwargs):
-    """A load that fails inside megatron or torch (a truncated or corrupt shard, tensors of
-    another shape) becomes one line naming the checkpoint, not a traceback."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        return load(*args, **kwargs)
-    except (CheckpointError, TrainingStopped):
-        raise
-    except (Exception, CheckpointException) as e:  # the latter is a BaseException
-        cause, where = e, ""
-        if isinstance(e, CheckpointException) and e.failures:
-            # torch gathers every rank's failure: the same error on all of them
-            rank, (cause, _) = next(iter(sorted(e.failures.items())))
-            where = f" on rank {rank}"
-        lines = str(cause).strip().splitlines()
-        error = CheckpointError(f"{directory}: cannot be read ({type(cause).__name__}"
-                                + (f": {lines[0]}" if lines else "") + f"{where})")
-        # Otherwise possibly this rank's failure alone: it reports it itself (main).
-        error.on_any_rank = not isinstance(e, CheckpointException)
-        raise error from None
 
 
 def resolve_run_preset(name: Optional[str], checkpoint: Optional[str]) -> ModelPreset:
