@@ -30,9 +30,10 @@ class FP8Config:
         help="FP8 through Transformer Engine (Hopper GPUs only): hybrid (e4m3 forward, e5m2 "
              "backward) or e4m3")
     recipe: str = option("delayed", help=f"one of {', '.join(FP8_RECIPES)}")
-    margin: int = option(0)
-    amax_history_len: int = option(1024)
-    amax_compute_algo: str = option("max", choices=("max", "most_recent"))
+    margin: int = option(0, help="FP8 scaling margin (powers of 2 of headroom)")
+    amax_history_len: int = option(1024, help="steps of amax history for delayed scaling")
+    amax_compute_algo: str = option("max", choices=("max", "most_recent"),
+                                    help="scale from the history's max or its latest amax")
 
     def __post_init__(self):
         if self.format is not None and self.format not in FP8_FORMATS:
@@ -55,26 +56,30 @@ class ModelRunConfig:
     every tool that runs a model (`add_model_args`: `--tensor-model-parallel-size`, `--bf16`,
     `--fp8-format`, ...), generated from the field."""
 
-    tensor_model_parallel_size: int = option(1)
-    pipeline_model_parallel_size: int = option(1)
+    tensor_model_parallel_size: int = option(1, help="tensor (intra-layer) parallel size")
+    pipeline_model_parallel_size: int = option(1, help="pipeline (inter-layer) parallel size")
     # From --num-layers-per-virtual-pipeline-stage, which needs the preset's layer count
     # (training/arguments.py, `run_config_from_args`).
     virtual_pipeline_model_parallel_size: Optional[int] = option(None, cli=False)
     context_parallel_size: int = option(
         1, help="split sequences across ranks (Transformer Engine only)")  # > 1 is refused
-    sequence_parallel: bool = option(False)
+    sequence_parallel: bool = option(
+        False, help="split norms and dropout activations along the sequence over TP ranks")
     tp_comm_overlap: bool = option(
         False, help="overlap TP communication with GEMMs (Transformer Engine userbuffers)")
-    recompute_granularity: Optional[str] = option(None, choices=("selective", "full"))
-    recompute_method: Optional[str] = option(None, choices=("uniform", "block"))  # with full
-    recompute_num_layers: Optional[int] = option(None)
+    recompute_granularity: Optional[str] = option(
+        None, choices=("selective", "full"),
+        help="activation recomputation: core attention only (selective) or whole layers")
+    recompute_method: Optional[str] = option(
+        None, choices=("uniform", "block"), help="with full: how layers are grouped")
+    recompute_num_layers: Optional[int] = option(None, help="with full: layers per group")
     bf16: bool = option(False, help="bf16 parameters and compute")
     fp8: FP8Config = option(default_factory=FP8Config)
     use_transformer_engine: Optional[bool] = option(
         None, flag="--transformer-impl", choices=TRANSFORMER_IMPLS,
         help="layer spec; auto = TE when it imports and CUDA is up")
     init_method_std: float = option(0.02, cli=False)
-    seed: int = option(1234)
+    seed: int = option(1234, help="random seed (initialisation, data order)")
 
     def __post_init__(self):
         if min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,

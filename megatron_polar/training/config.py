@@ -60,25 +60,31 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: Optional[float] = option(None)
+    lr: Optional[float] = option(None, help="peak learning rate (or from --auto-hparams)")
     min_lr: Optional[float] = option(None, help="default: 0.1 x --lr")
-    lr_warmup_fraction: float = option(0.03)
-    lr_decay_style: str = option("cosine", choices=DECAY_STYLES)
-    weight_decay: float = option(0.0)
+    lr_warmup_fraction: float = option(
+        0.03, help="share of the schedule's steps spent warming up linearly from 0")
+    lr_decay_style: str = option("cosine", choices=DECAY_STYLES,
+                                 help="decay from --lr to --min-lr after warmup")
+    weight_decay: float = option(0.0, help="decoupled (AdamW) weight decay")
     adam_beta1: float = option(0.9)
-    adam_beta2: float = option(0.95)
+    adam_beta2: float = option(0.95, help="Adam's betas as the released POLAR recipe")
     adam_eps: float = option(1e-8)
-    clip_grad: float = option(1.0)
-    train_iters: Optional[int] = option(None)
+    clip_grad: float = option(1.0, help="clip the global gradient norm to this (0: off)")
+    train_iters: Optional[int] = option(None, help="optimizer steps (the LR schedule's length)")
     train_tokens: Optional[float] = option(
         None, help="stop after this many real tokens (the LR schedule's length is estimated "
                    "from the datasets' mean pair length)")
     exit_duration_in_mins: Optional[float] = option(
         None, help="end the run (validation, checkpoint) after this many minutes of wall time, "
                    "as Megatron-LM does")
-    use_distributed_optimizer: bool = option(False)
-    overlap_grad_reduce: bool = option(False)
-    overlap_param_gather: bool = option(False)
+    use_distributed_optimizer: bool = option(
+        False, help="shard the optimizer state over data-parallel ranks (megatron's ZeRO-1)")
+    overlap_grad_reduce: bool = option(
+        False, help="overlap the gradient reduce-scatter/all-reduce with the backward pass")
+    overlap_param_gather: bool = option(
+        False, help="with the distributed optimizer: overlap the parameter all-gather with the "
+                    "next forward pass")
     max_consecutive_skipped_steps: int = option(
         10, help="stop the run after this many steps in a row with non-finite loss or "
                  "gradients (each is skipped and counted)")
@@ -121,16 +127,19 @@ class CheckpointConfig:
     ckpt_step: Optional[int] = option(None, help="resume from this iteration")
     pretrained_checkpoint: Optional[str] = option(
         None, help="initial weights (e.g. imported from HF) when --load has no checkpoint")
-    save_interval: Optional[int] = option(None)
-    keep_last_checkpoints: Optional[int] = option(None)
-    async_save: bool = option(False)
+    save_interval: Optional[int] = option(None, help="save every this many iterations")
+    keep_last_checkpoints: Optional[int] = option(
+        None, help="remove older checkpoints, keeping this many (default: keep all)")
+    async_save: bool = option(False, help="write checkpoints in the background while training "
+                                          "goes on")
     dist_ckpt_optim_fully_reshardable: bool = option(
         False, help="save the distributed optimizer's state in model space, loadable at any "
                     "TP/PP/DP (gathered on each TP/PP group's first DP rank while saving). "
                     "Default: dp_reshardable, every rank writes its own shard and a resume "
                     "may change DP but not TP/PP")
-    no_load_optim: bool = option(False)
-    no_load_rng: bool = option(False)
+    no_load_optim: bool = option(False, help="resume without the optimizer state (fresh Adam "
+                                             "moments)")
+    no_load_rng: bool = option(False, help="resume without the saved RNG states")
     finetune: bool = option(False, help="with --load: take the weights only, start at "
                                         "iteration 0")
 
@@ -141,14 +150,16 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    eval_interval: Optional[int] = option(None)
+    eval_interval: Optional[int] = option(
+        None, help="validate every this many iterations (and after the last)")
     eval_iters: int = option(
         10, help="validation steps (of --global-batch-size pairs) per evaluation")
-    log_interval: int = option(10)
+    log_interval: int = option(10, help="iterations per log line (figures are window means)")
     log_json: Optional[str] = option(None, help="append one JSON object per log line")
-    tensorboard_dir: Optional[str] = option(None)
-    wandb_project: Optional[str] = option(None)
-    wandb_exp_name: Optional[str] = option(None)
+    tensorboard_dir: Optional[str] = option(None, help="TensorBoard event files (needs "
+                                                       "tensorboard)")
+    wandb_project: Optional[str] = option(None, help="log to Weights & Biases (needs wandb)")
+    wandb_exp_name: Optional[str] = option(None, help="the Weights & Biases run name")
     peak_tflops: Optional[float] = option(
         None, help="GPU dense bf16 peak for MFU (default: known from the GPU name)")
     skip_train: bool = option(False, help="load, evaluate, exit")
