@@ -226,3 +226,19 @@ def test_the_trainer_cli_stops_on_a_bad_config_with_status_2(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert f"error: --config {cfg}: unknown key 'learning-rate'" in proc.stderr
+
+
+def test_a_missing_logging_package_stops_every_rank_before_any_work(tmp_path):
+    """wandb is not installed here: the check runs on every rank, before process groups."""
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    argv = ["--data-path", str(tmp_path / "none"), "--micro-batch-tokens", "64", "--lr", "1e-3",
+            "--global-batch-size", "2", "--train-iters", "1", "--wandb-project", "p"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "megatron_polar.train", *argv],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --wandb-project needs the wandb package") == 2

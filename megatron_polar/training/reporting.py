@@ -27,6 +27,28 @@ def memory_gib() -> dict:
     return {"mem_rss_gib": psutil.Process().memory_info().rss / 2**30}
 
 
+def sink_modules(tensorboard_dir: Optional[str], wandb_project: Optional[str]) -> dict:
+    """The packages the asked-for sinks need, imported; ConfigError naming the flag when one is
+    missing. The trainer calls it on every rank before starting, so that all ranks stop alike
+    (only rank 0 writes)."""
+    modules = {}
+    if tensorboard_dir:
+        try:
+            from torch.utils import tensorboard
+        except ImportError:
+            raise ConfigError("--tensorboard-dir needs the tensorboard package "
+                              "(pip install tensorboard)") from None
+        modules["tensorboard"] = tensorboard
+    if wandb_project:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb-project needs the wandb package (pip install wandb)") \
+                from None
+        modules["wandb"] = wandb
+    return modules
+
+
 class Reporter:
     def __init__(self, rank: int, log_json: Optional[str] = None,
                  tensorboard_dir: Optional[str] = None, wandb_project: Optional[str] = None,
@@ -39,19 +61,11 @@ class Reporter:
             os.makedirs(os.path.dirname(os.path.abspath(log_json)), exist_ok=True)
             self.json_file = open(log_json, "a", buffering=1)
         if tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("--tensorboard-dir needs the tensorboard package "
-                                  "(pip install tensorboard)") from None
-            self.tb = SummaryWriter(tensorboard_dir)
+            self.tb = sink_modules(tensorboard_dir, None)["tensorboard"].SummaryWriter(
+                tensorboard_dir)
         if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("--wandb-project needs the wandb package (pip install wandb)") \
-                    from None
-            self.wandb = wandb.init(project=wandb_project, name=wandb_name, config=config)
+            self.wandb = sink_modules(None, wandb_project)["wandb"].init(
+                project=wandb_project, name=wandb_name, config=config)
 
     def print(self, text: str) -> None:
         if self.active:

@@ -50,7 +50,7 @@ from megatron_polar.training.objective import PairMetrics, PairMetricsMean
 from megatron_polar.training.optimizer import build_optimizer
 from megatron_polar.training.policies import (CheckpointPolicy, MetricsWindow, NaNGuard,
                                               TrainingStopped, Validator)
-from megatron_polar.training.reporting import Reporter, memory_gib
+from megatron_polar.training.reporting import Reporter, memory_gib, sink_modules
 from megatron_polar.training.step import evaluate_pairs, initialize_userbuffers, train_step
 
 
@@ -347,6 +347,7 @@ def main(argv=None) -> int:
         run = run_config_from_args(args, preset.num_layers)
         args, notes = resolve_train_args(args, preset)
         cfg = train_config(args, run)
+        sink_modules(cfg.logging.tensorboard_dir, cfg.logging.wandb_project)  # on every rank
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -355,13 +356,8 @@ def main(argv=None) -> int:
         return 1
     ctx = initialize_parallel(cfg.run)
     rank = torch.distributed.get_rank()
-    try:
-        reporter = Reporter(rank, args.log_json, args.tensorboard_dir, args.wandb_project,
-                            args.wandb_exp_name, config=vars(args))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        destroy_parallel()
-        return 2
+    reporter = Reporter(rank, args.log_json, args.tensorboard_dir, args.wandb_project,
+                        args.wandb_exp_name, config=vars(args))
     for note in notes:
         reporter.print(note)
     if args.save and rank == 0:
