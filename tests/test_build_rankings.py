@@ -208,3 +208,60 @@ def test_cli_from_rankings_end_to_end(tmp_path, tok_path):
     (reject,) = output_paths(str(tmp_path / "out"))["rejected"].read_text().splitlines()
     assert json.loads(reject)["where"] == f"{src}:4"
     assert len(IndexedDataset(str(tmp_path / "out"))) == 60
+
+
+def test_list_documents_hold_each_ranked_list_once(tmp_path, tok_path):
+    """--list-documents: one document per list (its candidates, best first) whose ordered
+    pairs are exactly the triplets a plain --from-rankings build writes; a list whose
+    candidates truncation encodes differently per pair stays as its triplets; the format is
+    one older readers refuse, and merging keeps it."""
+    from megatron_polar.data.indexed import FORMAT, FORMAT_LISTS, read_meta
+
+    ranked = ranked_records(12, n_responses=4, seed=1) + ranked_records(3, n_responses=5, seed=2)
+    src = write_jsonl(tmp_path / "r.jsonl", ranked)
+    lists = str(tmp_path / "lists")
+    s = build_triplets(BuildConfig([src], lists, tok_path, from_rankings=True,
+                                   list_documents=True), progress=False)
+    build_triplets(BuildConfig([src], str(tmp_path / "triplets"), tok_path, from_rankings=True),
+                   progress=False)
+    assert (s.written, s.triplets, s.documents, s.sequences) == (15, 12 * 3 + 3 * 6, 15,
+                                                                 12 * 3 + 3 * 4)
+    assert "54 triplets in 15 documents" in s.line()
+    meta = read_meta(lists)
+    assert meta["format"] == FORMAT_LISTS != FORMAT and meta["documents"] == 15
+    ds, flat = TripletDataset(lists), TripletDataset(str(tmp_path / "triplets"))
+    assert len(ds) == 15 and len(flat) == s.triplets and ds.lists and not flat.lists
+    t = 0
+    for d in range(len(ds)):
+        cands = [c.tolist() for c in ds.document(d)]
+        for i in range(len(cands)):
+            for j in range(i + 1, len(cands)):
+                pos, neg = flat.pair(t)
+                assert (pos.tolist(), neg.tolist()) == (cands[i], cands[j]), (d, i, j)
+                t += 1
+    assert t == len(flat)
+    with pytest.raises(Exception, match="not a pair"):
+        ds.pair(0)
+    # a reader of format /1 alone (the previous release) refuses it by name
+    assert meta["format"] != "megatron-polar-triplets/1"
+    meta_path = output_paths(lists)["meta"]
+    meta_path.write_text(meta_path.read_text().replace(FORMAT_LISTS, "megatron-polar-triplets/9"))
+    with pytest.raises(ValueError, match="format 'megatron-polar-triplets/9', expected one of"):
+        read_meta(lists)
+    meta_path.write_text(json.dumps(meta))
+    merged = merge_triplets([lists, lists], str(tmp_path / "merged"))
+    assert merged["format"] == FORMAT_LISTS and merged["documents"] == 30
+    assert len(TripletDataset(str(tmp_path / "merged"))) == 30
+    with pytest.raises(ValueError, match="format"):
+        merge_triplets([lists, str(tmp_path / "triplets")], str(tmp_path / "mixed"))
+    with pytest.raises(ValueError, match="--list-documents needs --from-rankings"):
+        BuildConfig([src], "x", tok_path, list_documents=True)
+
+
+def test_list_whose_truncation_depends_on_the_pair_is_written_as_triplets():
+    from megatron_polar.data.build import list_document
+
+    a, b, c = [1, 2, 7], [1, 2, 8, 8], [1, 2, 9]
+    assert list_document([a, b, a, c, b, c], 3) == [a, b, c]
+    # the prompt was cut shorter in the pair with the long candidate b
+    assert list_document([[1, 7], [1, 8, 8], a, c, [1, 8, 8], [1, 9]], 3) is None

@@ -141,18 +141,29 @@ def test_micro_batch_size_mode_splits_like_megatron(built):
         PackingSampler(stream, 6, pairs_per_micro_batch=2, dp_size=2)
 
 
-def test_resume_sees_the_uninterrupted_batches(built):
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "shared-prefix"])
+def test_resume_sees_the_uninterrupted_batches(built, shared):
     _, _, (a, b) = built
     stream = TripletStream(BlendSpec.parse(["2", a, "1", b]), seed=11)
-    straight = PackingSampler(stream, 6, token_budget=384)
+    straight = PackingSampler(stream, 6, token_budget=384, shared_prefix=shared)
     expected = run_steps(straight, 10)
-    first = PackingSampler(stream, 6, token_budget=384)
+    first = PackingSampler(stream, 6, token_budget=384, shared_prefix=shared)
     run_steps(first, 4)
     state = json.loads(json.dumps(first.state_dict()))  # as it would be checkpointed
     resumed = PackingSampler(TripletStream(BlendSpec.parse(["2", a, "1", b]), seed=11),
-                             6, token_budget=384)
+                             6, token_budget=384, shared_prefix=shared)
     resumed.load_state_dict(state)
     assert run_steps(resumed, 6) == expected[4:]
+    if shared:  # pairs over the plain budget fit; at a budget all fit, the same pairs
+        plain_sampler = PackingSampler(stream, 6, token_budget=384)
+        run_steps(plain_sampler, 10)
+        assert straight.skipped_oversize < plain_sampler.skipped_oversize
+        steps = [run_steps(PackingSampler(stream, 6, token_budget=4096, shared_prefix=s), 5)
+                 for s in (False, True)]
+        plain, shared_steps = ([sorted(p for ids, _ in step for p in ids) for step in run]
+                               for run in steps)
+        assert plain == shared_steps
+        assert straight.last_plan.computed < 0.9 * straight.last_plan.tokens
     with pytest.raises(ValueError, match="token_budget=384, this run uses 512"):
         PackingSampler(stream, 6, token_budget=512).load_state_dict(state)
 
@@ -160,7 +171,7 @@ def test_resume_sees_the_uninterrupted_batches(built):
 def test_oversize_pairs_are_counted_not_silently_dropped(built):
     _, _, (a, _) = built
     stream = TripletStream(BlendSpec.parse([a]), seed=1)
-    budget = int(np.median(TripletDataset(a).pair_lengths))
+    budget = int(np.median(TripletDataset(a).document_lengths))
     sampler = PackingSampler(stream, 4, token_budget=budget)
     sampler.next_step()
     assert sampler.skipped_oversize > 0

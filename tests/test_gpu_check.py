@@ -110,20 +110,29 @@ def test_cpu_run_reports_every_item(tmp_path):
         "needs TE, CUDA and torchrun with >= 2 GPUs")
     assert "--tensor-model-parallel-size 2" in items["tp_comm_overlap"]["reason"]
     assert report["tensor_model_parallel_size"] == 1
-    for name in ("packed_vs_unpacked", "flex_attention", "checkpoint_after_overlap", "throughput"):
+    for name in ("packed_vs_unpacked", "flex_attention", "shared_prefix",
+                 "checkpoint_after_overlap", "throughput"):
         assert items[name]["status"] == "pass", items[name]
     packed = items["packed_vs_unpacked"]["figures"]
     assert packed["local.fp32.packed_vs_alone_packed"]["rel_err"] <= 1e-4
     assert packed["local.bf16.packed_vs_alone_padded"]["tol"] == pytest.approx(2e-2)
     assert items["flex_attention"]["figures"]["fp32.out"]["flex_rel_err"] < 1e-5
+    shared = items["shared_prefix"]["figures"]
+    assert shared["tokens"]["shared"] < 0.75 * shared["tokens"]["plain"]  # prefixes once
+    assert shared["local.fp32.rewards"]["rel_err"] <= 1e-4
+    assert shared["local.fp32.grads"]["rel_err"] <= 1e-4 and shared["local.fp32.grads"]["tensors"]
+    bf16 = shared["local.bf16.grads"]
+    assert bf16["shared_rel_err_vs_fp32"] <= bf16["bound"]
+    assert "te" in shared["variants_skipped"]
+    assert "tokens" in items["shared_prefix"]["headline"]
     ckpt = items["checkpoint_after_overlap"]["figures"]
     assert ckpt["main_param_elements_checked"] > 0 and ckpt["main_param_mismatches"] == 0
     assert ckpt["tensors_differing_from_checkpoint"] == 0
     speed = items["throughput"]["figures"]
     assert speed["tokens_per_s"] > 0 and speed["tflops_per_gpu"] > 0
     assert speed["mfu"] is None  # a CPU has no peak in the table
-    assert report["summary"] == {"passed": 4, "failed": 0, "skipped": 4}
-    assert "te_parity" in proc.stdout and "4 passed, 0 failed, 4 skipped" in proc.stdout
+    assert report["summary"] == {"passed": 5, "failed": 0, "skipped": 4}
+    assert "te_parity" in proc.stdout and "5 passed, 0 failed, 4 skipped" in proc.stdout
 
 
 def test_a_wrong_value_fails_the_item_and_the_exit_status(tmp_path):
@@ -257,6 +266,67 @@ def test_gpu_only_items_run_their_comparisons(ctx1, tmp_path, monkeypatch):
     assert f.figures["loss_bf16"] == f.figures["loss_fp8"]
     assert len(set(f.figures["loss_bf16"])) == 1  # lr 0: every step sees the same model
     assert f.figures["rewards_after_steps"]["rel_err"] == 0.0
+
+
+def _check_env(gc, ctx, tmp_path, *argv, on_gpu=False, te=False):
+    """A CheckEnv on this CPU of the small tiny-2l preset (CPU-sized sequences); `on_gpu`/`te`
+    only make the items take their GPU branches (the models still run here)."""
+    from megatron_polar.model.presets import get_preset
+
+    preset = get_preset("tiny-2l")
+    return gc.CheckEnv(args=gc.build_parser().parse_args(list(argv)), ctx=ctx, preset=preset,
+                       check_preset=preset, on_gpu=on_gpu, te=te,
+                       capability=(9, 0) if on_gpu else None, tf32=False, rank=0, world=1,
+                       workdir=tmp_path, long_sequences=False)
+
+
+def test_shared_prefix_item_fails_on_a_wrong_reward(ctx1, tmp_path):
+    """(It passes without the fault: test_cpu_run_reports_every_item.)"""
+    from megatron_polar.training import gpu_check as gc
+
+    result = gc.run_item(_check_env(gc, ctx1, tmp_path, "--inject-fault", "shared_prefix"),
+                         "shared_prefix", [])
+    assert result.status == "fail"
+    assert "local.fp32.rewards: relative error" in result.reason
+    assert "--no-shared-prefix" in result.reason  # what to do about it
+    # the gradients do not see the injected reward: only the rewards fail
+    assert "grads" not in result.reason
+
+
+def test_shared_prefix_te_variant_says_what_to_try_when_te_attention_fails(ctx1, tmp_path,
+                                                                            monkeypatch):
+    """The TE spec's shared-prefix attention first runs on a GPU; when it raises there (as
+    TE does when no backend takes the call), the item fails with --transformer-impl local in
+    the reason and the local spec's variants still pass. Here the 'TE' model is the local
+    spec with its shared-prefix attention made to raise."""
+    from megatron_polar.model.attention import PackedCoreAttention
+    from megatron_polar.training import gpu_check as gc
+    from megatron_polar.training.gpu_check.parity import check_shared_prefix
+
+    real_build = gc.build
+
+    def no_backend(*args, **kwargs):
+        raise ValueError("No dot product attention backend is available for the provided "
+                         "inputs.")
+
+    def build(env, preset, *, bf16, use_te, fp8=None, ddp=None):
+        chunks = real_build(env, preset, bf16=bf16, use_te=False, ddp=ddp)
+        if use_te:
+            for module in chunks[0].modules():
+                if isinstance(module, PackedCoreAttention):
+                    module._forward_shared_prefix = no_backend
+        return chunks
+
+    monkeypatch.setattr(gc.models, "build", build)
+    f = gc.Findings()
+    check_shared_prefix(_check_env(gc, ctx1, tmp_path, on_gpu=True, te=True), f)
+    assert f.failures and all(m.startswith("te.bf16") for m in f.failures), f.failures
+    assert "No dot product attention backend" in f.failures[0]
+    assert "--transformer-impl local" in f.failures[-1]
+    assert "te" not in f.figures["variants_skipped"]
+    assert f.figures["te.bf16.traceback"]
+    for name in ("local.fp32.rewards", "local.bf16.rewards"):
+        assert f.figures[name]["rel_err"] <= f.figures[name]["tol"]
 
 
 # -- the checkpoint item at DP=2 (gloo) --------------------------------------------------------

@@ -98,3 +98,47 @@ def test_fp8_without_te_on_hopper_is_a_clear_error_before_any_work(data):
     out = train(root, "fp8", "--train-iters", "1", "--fp8-format", "hybrid", data=data,
                 expect_rc=1)
     assert "FP8 (hybrid) needs Transformer Engine" in out
+
+
+def test_shared_prefix_training_matches_plain_packing_for_20_steps(data):
+    """The default shared-prefix packing (each pair's prompt and reference computed once)
+    trains exactly as whole-sequence packing: the same losses step by step, fewer tokens.
+    (A large Adam eps keeps updates linear in the gradients: with 1e-8, Adam's near-sign
+    updates of tiny gradients turn float rounding, which differs between the layouts'
+    attention shapes, into 1e-3 loss differences after a few steps.)"""
+    root, tok, init = data
+    common = ["--pretrained-checkpoint", str(init), "--train-iters", "20", "--log-interval", "1",
+              "--adam-eps", "1e-4"]
+    train(root, "shared_on", *common, data=data)
+    train(root, "shared_off", *common, "--no-shared-prefix", data=data)
+    on, off = records(root, "shared_on"), records(root, "shared_off")
+    assert [r["iteration"] for r in on] == list(range(1, 21))
+    for a, b in zip(on, off):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["iteration"]
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6)
+        assert a["consumed_tokens"] == b["consumed_tokens"]  # the same pairs, counted in full
+    assert all(r["prefix_saving"] > 0.2 for r in on) and all(r["prefix_saving"] == 0 for r in off)
+    assert all(r["pairs_per_s"] > 0 for r in on)
+
+
+def test_ranked_list_dataset_trains_one_item_per_list(data):
+    """A --list-documents dataset: each step takes whole lists (every ordered pair of a list
+    counts towards the global batch), computes each list's prompt and reference once; whole-
+    sequence packing of lists is refused by name."""
+    from megatron_polar.data.build import BuildConfig, build_triplets
+    from tests.test_build_rankings import ranked_records, write_jsonl
+
+    root, tok, init = data
+    src = write_jsonl(root / "ranked.jsonl", ranked_records(60, n_responses=5, seed=9))
+    build_triplets(BuildConfig([src], str(root / "lists"), tok, from_rankings=True,
+                               list_documents=True), progress=False)
+    lists = ["--data-path", str(root / "lists"), "--pretrained-checkpoint", str(init),
+             "--train-iters", "3", "--stage", "sft"]
+    train(root, "lists", *lists, data=data)
+    logged = records(root, "lists")
+    steps = [b["consumed_pairs"] - a["consumed_pairs"]
+             for a, b in zip([{"consumed_pairs": 0}] + logged, logged)]
+    assert all(8 <= n < 8 + 6 for n in steps), steps  # lists of 6 pairs, whole
+    assert all(r["prefix_saving"] > 0.4 for r in logged)
+    out = train(root, "lists_plain", *lists, "--no-shared-prefix", data=data, expect_rc=1)
+    assert "ranked-list datasets (built with --list-documents) train with shared-prefix" in out

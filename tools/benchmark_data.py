@@ -33,6 +33,9 @@ def main(argv=None):
               "pairs longer than the budget)")
     s = r["sampler"]
     print(f"sampler at {s['budget']}: {s['tokens_per_s']:,.0f} tokens/s (one core)")
+    s = r["sampler_shared_prefix"]
+    print(f"sampler at {s['budget']}, shared prefixes: {s['tokens_per_s']:,.0f} tokens/s "
+          "(one core)")
     for v in r["against_megatron_lm"] or []:
         sec = v["seconds"]
         print(f"wall time, {v['workers']} worker(s), {v['input_mb']:.0f} MB: build_triplets "

@@ -31,6 +31,11 @@ def main(argv=None):
     mode.add_argument("--from-rankings", action="store_true",
                       help="input is ranked responses (prompt, responses best first): triplets "
                            "(responses[0], responses[i], responses[j]) for 1 <= i < j")
+    p.add_argument("--list-documents", action="store_true",
+                   help="with --from-rankings: one document per ranked list (its candidates, "
+                        "every ordered pair a triplet), trained as one shared-prefix item: the "
+                        "prompt and reference computed once per list; format "
+                        "megatron-polar-triplets/2, which older readers refuse")
     p.add_argument("--seed", type=int, default=1234, help="triplet assembly seed (trajectories)")
     p.add_argument("--partitions", type=int, default=1, help="split the input lines into N parts")
     p.add_argument("--partition-index", type=int, default=0, help="which part this run builds")
@@ -47,7 +52,8 @@ def main(argv=None):
         workers=args.workers, max_length=args.max_length,
         max_response_length=args.max_response_length, skip_bad=args.skip_bad,
         from_trajectories=args.from_trajectories,
-        from_rankings=args.from_rankings, seed=args.seed, partitions=args.partitions,
+        from_rankings=args.from_rankings, list_documents=args.list_documents,
+        seed=args.seed, partitions=args.partitions,
         partition_index=args.partition_index, separator_id=args.separator_id,
         reward_token_id=args.reward_token_id)
     try:

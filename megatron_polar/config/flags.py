@@ -89,9 +89,13 @@ def add_flags(parser, cls, prefix: str = "") -> None:
         kwargs: dict[str, Any] = {"dest": dest, "help": meta.get("help") or None}
         choices = meta.get("choices")
         if base is bool and not isinstance(choices, Mapping):
-            if default:
-                raise TypeError(f"{cls.__name__}.{f.name}: a boolean flag must default to False")
-            parser.add_argument(flag, action="store_true", **kwargs)
+            if default:  # on by default: --flag and --no-flag, as Megatron-LM's --no-* flags
+                if not flag.startswith("--"):
+                    raise TypeError(f"{cls.__name__}.{f.name}: {flag} needs a --long name")
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True,
+                                    **kwargs)
+            else:
+                parser.add_argument(flag, action="store_true", **kwargs)
             continue
         if isinstance(choices, Mapping):
             inverse = [k for k, v in choices.items() if v == default]

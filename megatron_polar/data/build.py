@@ -46,6 +46,9 @@ class BuildConfig:
     skip_bad: bool = False
     from_trajectories: bool = False
     from_rankings: bool = False
+    # with from_rankings: one document per ranked list (FORMAT_LISTS), trained as one
+    # shared-prefix item, instead of a document per triplet
+    list_documents: bool = False
     seed: int = 1234
     partitions: int = 1
     partition_index: int = 0
@@ -60,6 +63,8 @@ class BuildConfig:
             raise ValueError("--partition-index must be in [0, --partitions)")
         if self.from_trajectories and self.from_rankings:
             raise ValueError("--from-trajectories and --from-rankings are mutually exclusive")
+        if self.list_documents and not self.from_rankings:
+            raise ValueError("--list-documents needs --from-rankings (ranked lists)")
         if self.partitions > 1 and self.from_trajectories:
             raise ValueError("--from-trajectories groups trajectories by prompt across the whole "
                              "input; build it in one partition (shard the inputs by prompt instead)")
@@ -71,7 +76,9 @@ class BuildSummary:
     written: int = 0
     rejected: int = 0
     unused: int = 0  # trajectories that went into no triplet (--from-trajectories)
-    triplets: int = 0  # documents written: a ranked record (--from-rankings) gives several
+    triplets: int = 0  # ordered pairs written: a ranked record (--from-rankings) gives several
+    documents: int = 0  # documents written: one per triplet, or per ranked list
+    sequences: int = 0
     tokens: int = 0
     # written lines whose fields contained special-token text, removed (docs/data.md)
     special_text_lines: int = 0
@@ -82,7 +89,9 @@ class BuildSummary:
         special = (f"; {self.special_text_lines:,} with special-token text removed"
                    if self.special_text_lines else "")
         return (f"read {self.read:,} lines = {self.written:,} written + {self.rejected:,} rejected"
-                f"{unused}; {self.triplets:,} triplets, {self.tokens:,} tokens in "
+                f"{unused}; {self.triplets:,} triplets"
+                + (f" in {self.documents:,} documents" if self.documents != self.triplets else "")
+                + f", {self.tokens:,} tokens in "
                 f"{self.seconds:.1f}s{special}")
 
 
@@ -97,10 +106,28 @@ def _init_worker(tokenizer: str, separator_id, reward_token_id, enc: EncodingCon
     _ENCODER = TripletEncoder(tok, enc)
 
 
-def _encode_chunk(items: list[tuple[str, bytes | dict]], rankings: bool = False):
-    """[(where, raw line or assembled record)] -> [(where, (ids of each triplet's s+ then s-,
-    their lengths, whether special-token text was removed), None) or (where, reason, raw
-    line)]; a ranked line gives several triplets."""
+def list_document(seqs: list[list[int]], n_candidates: int) -> Optional[list[list[int]]]:
+    """The candidates of a ranked list (best first) from its triplets' s+/s- in
+    `ranking_pairs` order, when every triplet encoded each candidate alike; None when
+    truncation made a candidate's sequence depend on its pair (the prompt's budget is the
+    pair's), in which case the list is written as its triplets."""
+    pairs = [(i, j) for i in range(n_candidates) for j in range(i + 1, n_candidates)]
+    candidates: list[Optional[list[int]]] = [None] * n_candidates
+    for (i, j), pos, neg in zip(pairs, seqs[0::2], seqs[1::2]):
+        for k, seq in ((i, pos), (j, neg)):
+            if candidates[k] is None:
+                candidates[k] = seq
+            elif candidates[k] != seq:
+                return None
+    return candidates
+
+
+def _encode_chunk(items: list[tuple[str, bytes | dict]], rankings: bool = False,
+                  list_documents: bool = False):
+    """[(where, raw line or assembled record)] -> [(where, (ids of its documents' sequences,
+    their lengths, sequences per document, whether special-token text was removed), None)
+    or (where, reason, raw line)]; a ranked line gives several triplets (documents of s+ and
+    s-) or, with `list_documents`, one document of its candidates."""
     out = []
     for where, item in items:
         removed = _ENCODER.special_text_records
@@ -108,13 +135,20 @@ def _encode_chunk(items: list[tuple[str, bytes | dict]], rankings: bool = False)
             if isinstance(item, dict):
                 seqs = encode_triplet(_ENCODER, item)
             elif rankings:
-                seqs = encode_ranking(_ENCODER, parse_json_object(item, RANKING_FIELDS))
+                record = parse_json_object(item, RANKING_FIELDS)
+                seqs = encode_ranking(_ENCODER, record)
             else:
                 seqs = encode_triplet(_ENCODER, parse_json_object(item, TRIPLET_FIELDS))
+            docs = [2] * (len(seqs) // 2)
+            if list_documents:
+                candidates = list_document(seqs, len(record["responses"]) - 1)
+                if candidates is not None:
+                    seqs, docs = candidates, [len(candidates)]
             lengths = [len(s) for s in seqs]
             # One int32 array per line: far cheaper to send back than lists of ints.
             ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=DTYPE, count=sum(lengths))
-            out.append((where, (ids, lengths, _ENCODER.special_text_records > removed), None))
+            out.append((where, (ids, lengths, docs, _ENCODER.special_text_records > removed),
+                        None))
         except RecordError as e:
             out.append((where, str(e), item if isinstance(item, bytes) else None))
     return out
@@ -160,8 +194,10 @@ def build_triplets(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
                 _reject(rejects, where, reason, raw, cfg.skip_bad, summary)
             _write(cfg, items, tmp, rejects, summary, bar)
         summary.seconds = time.perf_counter() - start
+        lists = ({"documents": summary.documents, "sequences": summary.sequences}
+                 if cfg.list_documents else {})
         meta = dataset_meta(
-            triplets=summary.triplets, tokens=summary.tokens,
+            triplets=summary.triplets, tokens=summary.tokens, **lists,
             tokenizer=tokenizer.identity().as_dict(), special_ids=tokenizer.special_ids(),
             vocab_size=tokenizer.vocab_size, max_length=cfg.max_length,
             max_response_length=cfg.max_response_length,
@@ -199,7 +235,8 @@ def _write(cfg: BuildConfig, items, tmp: dict, rejects, summary: BuildSummary, b
     builder = IndexedDatasetBuilder(str(tmp["bin"]), dtype=DTYPE)
     initargs = (cfg.tokenizer, cfg.separator_id, cfg.reward_token_id,
                 EncodingConfig(cfg.max_length, cfg.max_response_length))
-    encode = functools.partial(_encode_chunk, rankings=cfg.from_rankings)
+    encode = functools.partial(_encode_chunk, rankings=cfg.from_rankings,
+                               list_documents=cfg.list_documents)
     pool = None
     try:
         if cfg.workers > 1:
@@ -224,14 +261,19 @@ def _write(cfg: BuildConfig, items, tmp: dict, rejects, summary: BuildSummary, b
 
 
 def _add(builder, result, summary: BuildSummary) -> None:
-    """One written line: its triplets as documents of two sequences each."""
-    ids, lengths, removed = result
+    """One written line: its documents (a triplet's two sequences, or a ranked list's
+    candidates, every ordered pair of which is a triplet)."""
+    ids, lengths, docs, removed = result
     summary.special_text_lines += removed
-    offset = 0
-    for n_pos, n_neg in zip(lengths[::2], lengths[1::2]):
-        builder.add_document(ids[offset:offset + n_pos + n_neg], [n_pos, n_neg])
-        offset += n_pos + n_neg
-        summary.triplets += 1
+    offset = first = 0
+    for n in docs:
+        doc_lengths = lengths[first:first + n]
+        size = sum(doc_lengths)
+        builder.add_document(ids[offset:offset + size], doc_lengths)
+        offset, first = offset + size, first + n
+        summary.triplets += n * (n - 1) // 2
+        summary.documents += 1
+        summary.sequences += n
     summary.written += 1
     summary.tokens += len(ids)
 

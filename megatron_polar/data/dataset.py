@@ -17,7 +17,8 @@ import numpy as np
 from megatron.core.datasets import helpers_cpp
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_polar.data.indexed import output_paths, read_meta
+from megatron_polar.data.indexed import FORMAT_LISTS, output_paths, read_meta
+from megatron_polar.data.packing import common_prefix_length
 
 
 class DatasetError(ValueError):
@@ -25,7 +26,8 @@ class DatasetError(ValueError):
 
 
 class TripletDataset:
-    """One built dataset: pair i is (s+ ids, s- ids), sequences 2i and 2i+1."""
+    """One built dataset of documents: a triplet's (s+ ids, s- ids), or (FORMAT_LISTS) a
+    ranked list's candidates best first, whose every ordered pair i < j is a triplet."""
 
     def __init__(self, prefix: str, expected_tokenizer_sha256: Optional[str] = None):
         self.prefix = prefix
@@ -49,10 +51,18 @@ class TripletDataset:
             raise DatasetError(f"{paths['bin']}: {actual} bytes, the index describes "
                                f"{expected_bytes}; the .bin and .idx do not belong together "
                                "or one is truncated")
-        n = len(lengths) // 2
-        docs = np.asarray(self.data.document_indices)
-        if len(lengths) % 2 or not np.array_equal(docs, np.arange(0, 2 * n + 1, 2)):
+        docs = np.asarray(self.data.document_indices, dtype=np.int64)
+        sizes = np.diff(docs)
+        self.lists = self.meta["format"] == FORMAT_LISTS
+        if len(docs) < 1 or docs[0] != 0 or docs[-1] != len(lengths):
+            raise DatasetError(f"{paths['idx']}: document boundaries do not cover the sequences")
+        if not self.lists and (sizes != 2).any():
             raise DatasetError(f"{paths['idx']}: documents are not pairs of sequences")
+        if self.lists and (sizes < 2).any():
+            raise DatasetError(f"{paths['idx']}: a ranked list of fewer than two candidates")
+        self.doc_starts, self.doc_sizes = docs[:-1], sizes
+        self.document_pairs = sizes * (sizes - 1) // 2
+        n = int(self.document_pairs.sum())
         if n != self.meta["triplets"]:
             raise DatasetError(f"{paths['meta']}: says {self.meta['triplets']} triplets, "
                                f"the index holds {n}")
@@ -62,13 +72,35 @@ class TripletDataset:
                 f"{prefix}: built with tokenizer {self.meta['tokenizer']['path']} "
                 f"(sha256 {self.meta['tokenizer']['sha256'][:12]}), not this run's "
                 f"(sha256 {expected_tokenizer_sha256[:12]})")
-        self.pair_lengths = lengths[0::2] + lengths[1::2]
+        # tokens of each document's sequences (a pair's two; a list's candidates, each once)
+        cumulative = np.concatenate([[0], np.cumsum(lengths)])
+        self.document_lengths = cumulative[docs[1:]] - cumulative[docs[:-1]]
+        # Common prefix of each document's sequences, found on first use (-1: not yet): a
+        # shared-prefix pack computes it once. Existing datasets need no rebuild.
+        self._prefix_lengths = np.full(len(sizes), -1, dtype=np.int32)
+
+    def shared_prefix_length(self, i: int) -> int:
+        """Tokens document i takes in a shared-prefix pack: its sequences, their common
+        prefix once (each sequence keeps at least its last token of its own)."""
+        if self._prefix_lengths[i] < 0:
+            self._prefix_lengths[i] = common_prefix_length(self.document(i))
+        return (int(self.document_lengths[i])
+                - (int(self.doc_sizes[i]) - 1) * int(self._prefix_lengths[i]))
 
     def __len__(self) -> int:
-        return len(self.pair_lengths)
+        """Documents (triplets, or ranked lists)."""
+        return len(self.doc_sizes)
+
+    def document(self, i: int) -> list[np.ndarray]:
+        start = int(self.doc_starts[i])
+        return [self.data[start + k] for k in range(int(self.doc_sizes[i]))]
 
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.data[2 * i], self.data[2 * i + 1]
+        if self.doc_sizes[i] != 2:
+            raise DatasetError(f"{self.prefix}: document {i} is a ranked list of "
+                               f"{self.doc_sizes[i]} candidates, not a pair")
+        start = int(self.doc_starts[i])
+        return self.data[start], self.data[start + 1]
 
 
 @dataclass(frozen=True)
@@ -134,8 +166,26 @@ class TripletStream:
         return d, int(self._epoch_order(d, epoch)[j])
 
     def length(self, position: int) -> int:
+        """Tokens of the document's sequences (a pair's two, a list's candidates)."""
         d, i = self.locate(position)
-        return int(self.datasets[d].pair_lengths[i])
+        return int(self.datasets[d].document_lengths[i])
+
+    def pairs_at(self, position: int) -> int:
+        """Ordered pairs (triplets) of the document: 1 for a pair."""
+        d, i = self.locate(position)
+        return int(self.datasets[d].document_pairs[i])
+
+    def document(self, position: int) -> list[list[int]]:
+        d, i = self.locate(position)
+        return [seq.tolist() for seq in self.datasets[d].document(i)]
+
+    @property
+    def has_lists(self) -> bool:
+        return any(ds.lists for ds in self.datasets)
+
+    def shared_prefix_length(self, position: int) -> int:
+        d, i = self.locate(position)
+        return self.datasets[d].shared_prefix_length(i)
 
     def pair(self, position: int) -> tuple[list[int], list[int]]:
         d, i = self.locate(position)

@@ -22,7 +22,8 @@ def merge_triplets(prefixes: list[str], output_prefix: str) -> dict:
     metas = [read_meta(p) for p in prefixes]
     first = metas[0]
     for prefix, meta in zip(prefixes[1:], metas[1:]):
-        for key in ("tokenizer", "special_ids", "max_length", "max_response_length", "dtype"):
+        for key in ("format", "tokenizer", "special_ids", "max_length", "max_response_length",
+                    "dtype"):
             if meta[key] != first[key]:
                 raise ValueError(f"{prefix}: {key} {meta[key]} differs from {prefixes[0]}'s "
                                  f"{first[key]}; only datasets of one build setup can be merged")
@@ -37,7 +38,7 @@ def merge_triplets(prefixes: list[str], output_prefix: str) -> dict:
                     shutil.copyfileobj(f, out)
         merged = dict(first)
         for key in ("triplets", "sequences", "tokens", "input_lines", "rejected",
-                    "unused_trajectories"):
+                    "unused_trajectories") + (("documents",) if "documents" in first else ()):
             merged[key] = sum(m[key] for m in metas)
         # counted since the encoding follows the released one; older parts lack the key
         merged["special_text_lines"] = sum(m.get("special_text_lines", 0) for m in metas)

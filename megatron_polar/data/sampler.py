@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_polar.data.dataset import TripletStream
-from megatron_polar.data.packing import (PackedMicroBatch, best_fit_decreasing,
-                                         build_packed_micro_batch)
+from megatron_polar.data.packing import (PackedMicroBatch, PrefixItem, best_fit_decreasing,
+                                         build_packed_micro_batch, build_shared_micro_batch)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ class StepPlan:
     """One step over the whole data-parallel group: stream positions of each rank's packs."""
 
     per_rank: list[list[list[int]]]
-    tokens: int  # real tokens of the step, all ranks
+    tokens: int  # real tokens of the step, all ranks: its pairs' sequences in full
     pairs: int
+    computed: int = 0  # tokens the model computes (shared prefixes once; = tokens otherwise)
 
 
 def smallest_valid_count(micro_batch_multiple: int = 1, min_micro_batches: int = 1) -> int:
@@ -181,8 +182,10 @@ class PackingSampler:
                  token_budget: Optional[int] = None, pairs_per_micro_batch: Optional[int] = None,
                  dp_rank: int = 0, dp_size: int = 1, pad_id: int = 2, pad_multiple: int = 64,
                  micro_batch_multiple: int = 1, min_micro_batches: int = 1,
-                 uniform_length_per_step: bool = False):
-        """`micro_batch_multiple` / `min_micro_batches`: every rank's micro-batch count in every
+                 uniform_length_per_step: bool = False, shared_prefix: bool = False):
+        """`shared_prefix`: pack each pair as its common prefix once and its two candidates
+        (data/packing.py `PrefixItem`); the budget then counts those computed tokens.
+        `micro_batch_multiple` / `min_micro_batches`: every rank's micro-batch count in every
         step is a multiple of the one and at least the other (the interleaved pipeline schedule:
         multiple = min = PP). `uniform_length_per_step`: all of a rank's packs in a step are
         padded to one length (the interleaved schedule needs it: it takes one `seq_length`
@@ -223,6 +226,13 @@ class PackingSampler:
                     f"{pairs_per_micro_batch * dp_size * micro_batch_multiple}")
         self.micro_batch_multiple, self.min_micro_batches = micro_batch_multiple, min_micro_batches
         self.uniform_length_per_step = uniform_length_per_step
+        self.shared_prefix = shared_prefix
+        self.lists = stream.has_lists
+        if self.lists and not (shared_prefix and token_budget is not None):
+            raise ValueError(
+                "ranked-list datasets (built with --list-documents) train with shared-prefix "
+                "packing under a token budget: use --shared-prefix and --micro-batch-tokens, "
+                "or rebuild the dataset without --list-documents")
         self.stream, self.global_batch_size = stream, global_batch_size
         self.budget, self.pairs_per_mb = token_budget, pairs_per_micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -234,11 +244,20 @@ class PackingSampler:
 
     # -- planning ----------------------------------------------------------------------------
 
+    def _length(self, position: int) -> int:
+        """What a pair costs in a pack: its tokens, or with shared prefixes its tokens less
+        its common prefix once."""
+        if self.shared_prefix:
+            return self.stream.shared_prefix_length(position)
+        return self.stream.length(position)
+
     def _take(self) -> dict[int, int]:
-        """The next `global_batch_size` trainable pairs: position -> length."""
+        """The next trainable documents holding `global_batch_size` pairs (a ranked list's
+        pairs all count; the last list may take the step past it): position -> length."""
         taken: dict[int, int] = {}
-        while len(taken) < self.global_batch_size:
-            n = self.stream.length(self.position)
+        pairs = 0
+        while pairs < self.global_batch_size:
+            n = self._length(self.position)
             if self.budget is not None and n > self.budget:
                 self.skipped_oversize += 1
                 k = self.skipped_oversize
@@ -248,6 +267,7 @@ class PackingSampler:
                                 self.position, n, self.budget, k)
             else:
                 taken[self.position] = n
+                pairs += self.stream.pairs_at(self.position) if self.lists else 1
             self.position += 1
         return taken
 
@@ -276,7 +296,10 @@ class PackingSampler:
                                         self.pairs_per_mb)]
                         for r in range(self.dp_size)]
         self.steps += 1
-        self.last_plan = StepPlan(per_rank, tokens=sum(lengths.values()), pairs=len(lengths))
+        computed = sum(lengths.values())
+        tokens = sum(map(self.stream.length, lengths)) if self.shared_prefix else computed
+        pairs = sum(map(self.stream.pairs_at, lengths)) if self.lists else len(lengths)
+        self.last_plan = StepPlan(per_rank, tokens=tokens, pairs=pairs, computed=computed)
         return self.last_plan
 
     def next_step_positions(self) -> list[list[int]]:
@@ -289,12 +312,19 @@ class PackingSampler:
         rounded up to `pad_multiple`. Every rank of one pipeline-parallel group has the same
         data-parallel rank, hence the same packs and the same length."""
         packs = self.next_step_positions()
-        pairs = [[self.stream.pair(p) for p in positions] for positions in packs]
-        totals = [sum(len(a) + len(b) for a, b in pack) for pack in pairs]
+        if self.shared_prefix:  # a pair or a ranked list: one item, every ordered pair
+            pairs = [[PrefixItem.from_ranking(self.stream.document(p)) for p in positions]
+                     for positions in packs]
+            totals = [sum(item.computed_length for item in pack) for pack in pairs]
+            build = build_shared_micro_batch
+        else:
+            pairs = [[self.stream.pair(p) for p in positions] for positions in packs]
+            totals = [sum(len(a) + len(b) for a, b in pack) for pack in pairs]
+            build = build_packed_micro_batch
         if self.uniform_length_per_step:
             totals = [max(totals)] * len(totals)
-        return [build_packed_micro_batch(pack, -(-total // self.pad_multiple) * self.pad_multiple,
-                                         self.pad_id, pair_ids=tuple(positions))
+        return [build(pack, -(-total // self.pad_multiple) * self.pad_multiple, self.pad_id,
+                      tuple(positions))
                 for pack, total, positions in zip(pairs, totals, packs)]
 
     # -- checkpointing -------------------------------------------------------------------------
@@ -304,8 +334,10 @@ class PackingSampler:
                 "pairs_per_micro_batch": self.pairs_per_mb}
 
     def state_dict(self) -> dict:
+        # shared_prefix is recorded, not enforced: it changes how a step's pairs are packed,
+        # not which pairs it takes (except pairs only a shared-prefix pack fits in the budget).
         return {"position": self.position, "skipped_oversize": self.skipped_oversize,
-                "steps": self.steps, **self._settings()}
+                "steps": self.steps, "shared_prefix": self.shared_prefix, **self._settings()}
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Continue from `state`. With `strict`, a different batch size or micro-batch setting

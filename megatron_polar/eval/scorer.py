@@ -130,13 +130,31 @@ def _checkpoint_source(checkpoint: Optional[str], hf: Optional[str], tmp: Path,
 
 
 def score_sequences(chunks, ctx, sequences: list[list[int]], token_budget: int,
-                    pad_id: int) -> Optional[list[float]]:
-    """Rewards of `sequences` in order (on the last pipeline stage; None elsewhere)."""
-    from megatron_polar.data.packing import pack_pairs
+                    pad_id: int, shared_prefix: bool = True) -> Optional[list[float]]:
+    """Rewards of `sequences` in order (on the last pipeline stage; None elsewhere). With
+    `shared_prefix`, sequences that share a prefix (several candidates for one prompt and
+    reference) are scored as one shared-prefix item, the prefix computed once: the same
+    rewards (causal attention), fewer tokens."""
+    from megatron_polar.data.packing import PrefixItem, pack_items, pack_pairs, prefix_groups
     from megatron_polar.runtime.schedules import score_packed
 
     if not sequences:
         return []
+    if shared_prefix:
+        budget = max(token_budget, max(len(s) for s in sequences))
+        groups = prefix_groups(sequences, budget)
+        items = [PrefixItem.from_sequences([sequences[i] for i in g], ()) for g in groups]
+        packs = pack_items(items, budget, pad_id)
+        rewards = score_packed(chunks, packs, ctx)
+        if rewards is None:
+            return None
+        out, k = [0.0] * len(sequences), 0
+        for pack in packs:
+            for item_id in pack.pair_ids:
+                for i in groups[item_id]:
+                    out[i] = rewards[k].item()
+                    k += 1
+        return out
     # The packer moves pairs; two sequences make a "pair" here (the last one doubled if odd).
     padded = sequences + ([sequences[-1]] if len(sequences) % 2 else [])
     pairs = [(padded[i], padded[i + 1]) for i in range(0, len(padded), 2)]
@@ -161,6 +179,10 @@ class RewardScorer:
     `eval.flags.scorer_from_args`), or `load` a
     resolved `ModelSource`. Every rank of the job must call `score` with the same records
     (it runs megatron's schedules, which are collective)."""
+
+    # Candidates that share a prompt and reference are scored with the prefix computed once
+    # (exact; see `score_sequences`). False scores every sequence whole.
+    shared_prefix: bool = True
 
     def __init__(self, chunks, ctx: "ParallelContext", source: ModelSource,
                  encoder: TripletEncoder, micro_batch_tokens: int = 8192):
@@ -261,8 +283,8 @@ class RewardScorer:
         for start in range(0, len(sequences), SEQUENCES_PER_PASS):
             part = list(sequences[start:start + SEQUENCES_PER_PASS])
             rewards += self._everywhere(score_sequences(
-                self.chunks, self.ctx, part, self.micro_batch_tokens, self.preset.pad_token_id),
-                len(part))
+                self.chunks, self.ctx, part, self.micro_batch_tokens, self.preset.pad_token_id,
+                self.shared_prefix), len(part))
         return rewards
 
     def _everywhere(self, rewards: Optional[list[float]], n: int) -> list[float]:

@@ -34,11 +34,13 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from megatron_polar.model.shared_prefix import PAD_CHUNK, SharedPrefixParams
+
 
 # Flex attention's block size. End padding is also cut into chunks of this size: one chunk
 # attends only to itself, so padding (pack padding, and the bucket padding of the flex path)
 # costs one diagonal block per chunk instead of a quadratic block of its own.
-_FLEX_BLOCK = 128
+_FLEX_BLOCK = PAD_CHUNK
 
 
 def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -127,6 +129,8 @@ class PackedCoreAttention(MegatronModule):
 
     def _forward_packed(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
         total = query.shape[0]
+        if isinstance(params, SharedPrefixParams):
+            return self._forward_shared_prefix(query, key, value, params)
         cu = params.cu_seqlens_q
         # [t, n, hn] -> [1, n, t, hn]
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
@@ -144,6 +148,82 @@ class PackedCoreAttention(MegatronModule):
                   for qi, ki, vi in zip(*(x.split(lengths, dim=2) for x in (q, k, v)))]
         out = torch.cat(blocks, dim=2)
         return out.squeeze(0).transpose(0, 1).reshape(total, -1)
+
+
+    def _forward_shared_prefix(self, query, key, value, params: SharedPrefixParams):
+        """A shared-prefix pack (model/shared_prefix.py): each segment's queries attend to
+        its item's prefix and, causally, to its own keys. On CPU one SDPA call per segment
+        over [prefix; segment] keys, with a bottom-right causal mask or, where cheaper, as
+        one causal call with the prefix's queries in front (`_MASKED_SCORE_COST`); on CUDA
+        one flex attention call with a block mask over the pack (no gathered copies)."""
+        total = query.shape[0]
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+        if q.is_cuda or FORCE_FLEX:
+            out = flex_shared_prefix_attention(q, k, v, params, self.softmax_scale,
+                                               self.heads != self.groups, compile=q.is_cuda)
+            return out.squeeze(0).transpose(0, 1).reshape(total, -1)
+        q_lengths, kv_lengths, kv_index = _segment_layout(params, total)
+        # One split of q and one gather + split of k/v: their backward is one op each (a
+        # slice per segment would cost a full-size zero gradient per slice).
+        qs = q.split(q_lengths, dim=2)
+        ks, vs = (x.index_select(2, kv_index).split(kv_lengths, dim=2) for x in (k, v))
+        segs = params.segments
+        blocks: list = [None] * len(qs)
+        prefix_of = {seg.item: i for i, seg in enumerate(segs) if seg.is_prefix}
+        for i, (qi, ki, vi) in enumerate(zip(qs, ks, vs)):
+            n, m = qi.shape[2], ki.shape[2]
+            if i < len(segs) and segs[i].is_prefix:
+                continue  # below: from a candidate's call, or on its own
+            if n == m:  # an item without prefix, end padding: plain causal
+                blocks[i] = self._sdpa(qi, ki, vi, None, is_causal=True)
+            elif (m - n) < _MASKED_SCORE_COST * 2 * n - n:
+                # Cheaper as one causal call over [prefix; candidate] with the prefix's own
+                # queries in front (the kernel skips the causal future; a mask would not):
+                # its last n rows are the candidate's, its first rows the prefix's.
+                p = prefix_of[segs[i].item]
+                out = self._sdpa(torch.cat([qs[p], qi], dim=2), ki, vi, None, is_causal=True)
+                blocks[i] = out[:, :, m - n:]
+                if blocks[p] is None:
+                    blocks[p] = out[:, :, :m - n]
+            else:  # bottom-right causal mask: query j sees the prefix and its keys 0..j
+                rows = torch.arange(n, device=q.device)[:, None] + (m - n)
+                mask = torch.arange(m, device=q.device)[None, :] <= rows
+                blocks[i] = self._sdpa(qi, ki, vi, mask, is_causal=False)
+        for i, seg in enumerate(segs):
+            if seg.is_prefix and blocks[i] is None:
+                blocks[i] = self._sdpa(qs[i], ks[i], vs[i], None, is_causal=True)
+        out = torch.cat(blocks, dim=2)
+        return out.squeeze(0).transpose(0, 1).reshape(total, -1)
+
+
+# The CPU SDPA kernel (torch 2.13, flash attention for CPU) costs about 1.5x as much per
+# score with an explicit mask as with is_causal (measured: a 2000 x 5000 masked block vs a
+# 5000-token causal one, forward and backward), and skips nothing under a mask. A candidate of
+# n queries after P prefix keys then costs ~1.5 n (P + n) masked, or (P + n)^2 / 2 as a causal
+# call over [prefix; candidate] that recomputes the prefix's rows; the cheaper one is taken
+# (causal when P < 2n, the pre-training mix's long candidates; masked for short candidates
+# after a long prefix, ranked lists).
+_MASKED_SCORE_COST = 1.5
+
+
+def _segment_layout(params: SharedPrefixParams, total: int):
+    """(query lengths, key lengths, key gather index) of a shared-prefix pack's segments, end
+    padding appended as 128-position chunks of its own; cached on the params (megatron hands
+    every layer the same object)."""
+    cached = params.__dict__.get("_cpu_layout")
+    if cached is not None and cached[0] == total:
+        return cached[1]
+    real = params.segments[-1].end if params.segments else 0
+    pad = [min(PAD_CHUNK, total - a) for a in range(real, total, PAD_CHUNK)]
+    q_lengths = [s.end - s.start for s in params.segments] + pad
+    kv_lengths = [s.kv_length for s in params.segments] + pad
+    index = params.kv_index
+    if pad:
+        index = torch.cat([index, torch.arange(real, total, device=index.device,
+                                               dtype=index.dtype)])
+    layout = (q_lengths, kv_lengths, index)
+    params.__dict__["_cpu_layout"] = (total, layout)
+    return layout
 
 
 # Tests set this to take the flex path on CPU too (flex's eager reference, not compiled).
@@ -217,13 +297,18 @@ def _version(t: torch.Tensor) -> int:
 
 def document_block_mask(cu_seqlens: torch.Tensor, padded: int):
     """The flex `BlockMask` of `_build_document_block_mask`, cached by cu_seqlens identity."""
-    version = _version(cu_seqlens)
-    for i, (cu, ver, length, mask) in enumerate(_MASK_CACHE):
-        if cu is cu_seqlens and ver == version and length == padded:
+    return _cached_mask(cu_seqlens, padded, lambda: _build_document_block_mask(cu_seqlens, padded))
+
+
+def _cached_mask(key: torch.Tensor, padded: int, build):
+    """The block mask for (`key` tensor, `padded`), built by `build()` on a miss."""
+    version = _version(key)
+    for i, (cached, ver, length, mask) in enumerate(_MASK_CACHE):
+        if cached is key and ver == version and length == padded:
             _MASK_CACHE.append(_MASK_CACHE.pop(i))
             return mask
-    mask = _build_document_block_mask(cu_seqlens, padded)
-    _MASK_CACHE.append((cu_seqlens, version, padded, mask))
+    mask = build()
+    _MASK_CACHE.append((key, version, padded, mask))
     del _MASK_CACHE[:-_MASK_CACHE_SIZE]
     return mask
 
@@ -274,6 +359,73 @@ def flex_document_attention(q, k, v, cu_seqlens, scale, gqa, compile: bool = Tru
     if compile:
         attend = _compiled_flex()
     else:
+        from torch.nn.attention.flex_attention import flex_attention as attend
+    out = attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    return out[:, :, :total]
+
+
+def _padded_ids(ids: torch.Tensor, padded: int) -> torch.Tensor:
+    """`ids` extended to `padded` positions, the tail in 128-chunks of ids of its own."""
+    extra = padded - ids.numel()
+    if extra <= 0:
+        return ids
+    tail = ids.max() + 1 + torch.arange(extra, device=ids.device) // PAD_CHUNK
+    return torch.cat([ids, tail])
+
+
+def _build_shared_prefix_block_mask(params: SharedPrefixParams, padded: int):
+    """Flex `BlockMask` of a shared-prefix pack over `padded` positions: query i may attend key
+    j iff both are in one item, j <= i, and j is a prefix token or in i's own segment. Item and
+    segment ids never decrease along the pack, so per 128-block their first and last values
+    classify the blocks in O((padded / 128)^2): a key block before the query block is
+    skipped unless their items overlap, and computed without the mask where every pair is
+    allowed (one item, and the keys all prefix or all in the queries' single segment)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    item = _padded_ids(params.token_item, padded)
+    seg = _padded_ids(params.token_segment, padded)
+    is_prefix = torch.cat([params.token_is_prefix,
+                           params.token_is_prefix.new_zeros(padded - params.token_is_prefix.numel())])
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((item[q_idx] == item[kv_idx]) & (kv_idx <= q_idx)
+                & (is_prefix[kv_idx] | (seg[q_idx] == seg[kv_idx])))
+
+    B = _FLEX_BLOCK
+    i_first, i_last = item[::B], item[B - 1::B]
+    s_first, s_last = seg[::B], seg[B - 1::B]
+    all_prefix = is_prefix.view(-1, B).all(dim=1)
+    idx = torch.arange(i_first.numel(), device=item.device)
+    before = idx[None, :] < idx[:, None]  # [query block, key block]
+    one_item = (i_first == i_last)
+    same_item = one_item[:, None] & one_item[None, :] & (i_first[:, None] == i_first[None, :])
+    one_seg = s_first == s_last
+    same_seg = one_seg[:, None] & one_seg[None, :] & (s_first[:, None] == s_first[None, :])
+    full = before & same_item & (all_prefix[None, :] | same_seg)
+    overlap = i_last[None, :] >= i_first[:, None]
+    partial = (before & overlap & ~full) | (idx[None, :] == idx[:, None])
+
+    def ordered(dense):
+        dense = dense.to(torch.int32)[None, None]
+        indices = torch.argsort(dense, dim=-1, descending=True, stable=True)
+        return dense.sum(-1).to(torch.int32), indices.to(torch.int32)
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=B,
+                                    mask_mod=mask_mod)
+
+
+def flex_shared_prefix_attention(q, k, v, params: SharedPrefixParams, scale, gqa,
+                                 compile: bool = True):
+    """Shared-prefix attention with flex_attention (CUDA path; `compile=False` runs flex's
+    eager reference for the CPU tests). Runs at the `flex_bucket` length, as the plain path."""
+    total = q.shape[2]
+    padded = flex_bucket(total)
+    if padded != total:
+        q, k, v = (F.pad(x, (0, 0, 0, padded - total)) for x in (q, k, v))
+    block_mask = _cached_mask(params.token_item, padded,
+                              lambda: _build_shared_prefix_block_mask(params, padded))
+    attend = _compiled_flex() if compile else None
+    if attend is None:
         from torch.nn.attention.flex_attention import flex_attention as attend
     out = attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     return out[:, :, :total]

@@ -195,7 +195,11 @@ def build_transformer_config(preset: ModelPreset, run: ModelRunConfig,
         gradient_accumulation_fusion=use_gradient_accumulation_fusion(use_te, on_gpu),
         bias_activation_fusion=use_te and on_gpu,
         masked_softmax_fusion=False,
-        apply_rope_fusion=use_te and on_gpu,
+        # Unfused RoPE: shared-prefix packs give one frequency row per token (candidates
+        # continue their prefix's positions), which only megatron's unfused THD path takes
+        # (rope_utils.py 0.16.1, lines 206-225); TE's fused THD kernel restarts every packed
+        # sequence at position 0. RoPE is a few elementwise ops per layer.
+        apply_rope_fusion=False,
         persist_layer_norm=False,
         # gloo matches point-to-point messages between two ranks in posting order; a batched
         # send/recv of an activation and a gradient of one shape can pair up crosswise under the

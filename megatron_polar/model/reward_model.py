@@ -21,6 +21,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_polar.model.presets import ModelPreset
+from megatron_polar.model.shared_prefix import SharedPrefixParams
 
 
 class RewardHead(MegatronModule):
@@ -109,12 +110,26 @@ class PolarRewardModel(GPTModel):
             # selects megatron's decoupled embedding/output learning rate).
             self.output_layer.weight.__dict__.pop("is_embedding_or_output_parameter", None)
 
+    def _check_length(self, longest: int) -> None:
+        if longest and longest > self.preset.max_position_embeddings:
+            # Above this length InternLM2's dynamic NTK RoPE changes the base; we never
+            # silently diverge from the HF model, we refuse.
+            raise ValueError(f"sequence of {longest} tokens exceeds max_position_embeddings "
+                             f"{self.preset.max_position_embeddings} of preset {self.preset.name}")
+
     @property
     def reward_head(self) -> Optional[RewardHead]:
         return self.output_layer if self.post_process else None
 
     def forward(self, input_ids, position_ids, attention_mask=None, packed_seq_params=None,
                 **kwargs):
+        if isinstance(packed_seq_params, SharedPrefixParams):
+            # Candidates continue the positions of their prefix: RoPE at the pack's
+            # position ids, not restarted per segment.
+            self._check_length(packed_seq_params.max_position)
+            with rope_at_positions(self, position_ids, packed_seq_params.max_position):
+                return super().forward(input_ids, position_ids, attention_mask,
+                                       packed_seq_params=packed_seq_params, **kwargs)
         longest = (packed_seq_params.max_seqlen_q if packed_seq_params is not None
                    else (input_ids.shape[1] if input_ids is not None else 0))
         if longest and longest > self.preset.max_position_embeddings and packed_seq_params:
@@ -122,11 +137,7 @@ class PolarRewardModel(GPTModel):
             # only real tokens count, so measure them (a sync, but only in this rare case).
             cu = packed_seq_params.cu_seqlens_q
             longest = int((cu[1:] - cu[:-1]).max())
-        if longest and longest > self.preset.max_position_embeddings:
-            # Above this length InternLM2's dynamic NTK RoPE changes the base; we never
-            # silently diverge from the HF model, we refuse.
-            raise ValueError(f"sequence of {longest} tokens exceeds max_position_embeddings "
-                             f"{self.preset.max_position_embeddings} of preset {self.preset.name}")
+        self._check_length(longest)
         return super().forward(input_ids, position_ids, attention_mask,
                                packed_seq_params=packed_seq_params, **kwargs)
 
@@ -179,6 +190,61 @@ def _reward_head_as_output_layer(zero_init: bool):
         yield
     finally:
         gpt_model.tensor_parallel = real
+
+
+_ROPE_CHECKED = False
+
+
+def _check_rope_takes_token_frequencies(model) -> None:
+    """megatron-core applies RoPE to a THD pack per sequence; given one frequency row per
+    packed token (as many rows as the pack), its unfused path takes each sequence's rows at
+    the sequence's offset instead of from position 0 (models/common/embeddings/rope_utils.py
+    0.16.1, `_apply_rotary_pos_emb_thd`, lines 206-225). Shared-prefix packs rely on that;
+    checked once per process on a tiny pack, so a megatron-core without it is refused instead
+    of silently giving candidates the wrong positions."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    global _ROPE_CHECKED
+    if _ROPE_CHECKED:
+        return
+    if model.config.apply_rope_fusion:
+        raise RuntimeError("shared-prefix packs need megatron's unfused RoPE "
+                           "(apply_rope_fusion=False): the fused THD kernel restarts positions "
+                           "per sequence")
+    dim = model.config.kv_channels
+    freqs = torch.arange(4, dtype=torch.float32)[:, None, None, None] * torch.linspace(
+        0.1, 1.0, dim)[None, None, None, :]
+    t = torch.ones(4, 1, dim)
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
+    got = apply_rotary_pos_emb(t, freqs, config=model.config, cu_seqlens=cu,
+                               cp_group=model.pg_collection.cp)
+    want = apply_rotary_pos_emb(t, freqs, config=model.config, cu_seqlens=cu[[0, 2]],
+                                cp_group=model.pg_collection.cp)
+    if not torch.allclose(got, want):
+        raise RuntimeError("this megatron-core restarts RoPE positions per packed sequence even "
+                           "when given one frequency row per token; shared-prefix packs cannot "
+                           "run on it. Train with --no-shared-prefix")
+    _ROPE_CHECKED = True
+
+
+@contextlib.contextmanager
+def rope_at_positions(model, position_ids: torch.Tensor, reach: int):
+    """Inside: `model.rotary_pos_emb` returns one frequency row per packed token, the row of
+    its position id (`reach` > every position id), so megatron rotates each token at its own
+    position (see `_check_rope_takes_token_frequencies`)."""
+    _check_rope_takes_token_frequencies(model)
+    rotary = model.rotary_pos_emb
+    table_of = rotary.forward
+    positions = position_ids.reshape(-1)
+
+    def at_positions(max_seq_len, *args, **kwargs):
+        return table_of(reach, *args, **kwargs)[positions]
+
+    rotary.forward = at_positions
+    try:
+        yield
+    finally:
+        del rotary.forward
 
 
 def rewards_at(token_scores: torch.Tensor, reward_positions: torch.Tensor) -> torch.Tensor:

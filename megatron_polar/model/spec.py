@@ -153,7 +153,14 @@ def build_layer_spec(use_te: bool) -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        from megatron_polar.model.te_attention import shared_prefix_te_attention_class
+
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        # megatron's TEDotProductAttention, plus shared-prefix packs (model/te_attention.py);
+        # every other call goes to megatron's forward unchanged.
+        spec.submodules.self_attention.submodules.core_attention = (
+            shared_prefix_te_attention_class())
+        return spec
     from megatron_polar.model.attention import PackedCoreAttention
 
     from megatron_polar.model.norm import LocalRMSNorm

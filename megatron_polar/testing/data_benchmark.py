@@ -110,14 +110,19 @@ def packing_efficiency(budget: int, steps: int = 20, global_batch_size: int = 19
             "pairs": pairs, "global_batch_size": global_batch_size}
 
 
-def sampler_throughput(prefix: str, budget: int, steps: int = 50) -> dict:
+def sampler_throughput(prefix: str, budget: int, steps: int = 50,
+                       shared_prefix: bool = False) -> dict:
+    """Real tokens (the pairs' sequences in full) per second the sampler plans and builds
+    into micro-batches; with `shared_prefix` it also reads every pair to find its common
+    prefix, the first time the pair is seen."""
     stream = TripletStream(BlendSpec.parse([prefix]))
-    sampler = PackingSampler(stream, 64, token_budget=budget)
+    sampler = PackingSampler(stream, 64, token_budget=budget, shared_prefix=shared_prefix)
     tokens, start = 0, time.perf_counter()
     for _ in range(steps):
-        tokens += sum(mb.num_tokens for mb in sampler.next_step())
+        tokens += sum(mb.num_sequence_tokens for mb in sampler.next_step())
     seconds = time.perf_counter() - start
-    return {"budget": budget, "tokens_per_s": tokens / seconds, "steps": steps}
+    return {"budget": budget, "tokens_per_s": tokens / seconds, "steps": steps,
+            "shared_prefix": shared_prefix}
 
 
 def against_megatron_lm(megatron_lm: Path, n_records: int, workers: int, workdir: Path,
@@ -167,7 +172,9 @@ def run_all(n_records: int = 4000, megatron_lm: Optional[Path] = None) -> dict:
         tok = train_tokenizer(work)
         builds = [build_throughput(n_records, w, work, tok) for w in (1, 2)]
         sampling = sampler_throughput(str(work / "out_w1"), 16384)
+        sampling_shared = sampler_throughput(str(work / "out_w1"), 16384, shared_prefix=True)
         versus = ([against_megatron_lm(megatron_lm, n_records, w, work, tok) for w in (1, 2)]
                   if megatron_lm else None)
     packing = [packing_efficiency(b) for b in (16384, 32768)]
-    return {"build": builds, "packing": packing, "sampler": sampling, "against_megatron_lm": versus}
+    return {"build": builds, "packing": packing, "sampler": sampling,
+            "sampler_shared_prefix": sampling_shared, "against_megatron_lm": versus}

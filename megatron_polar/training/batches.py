@@ -80,7 +80,8 @@ class TrainingData:
         if c.train_tokens is None:
             return 0
         weights = np.asarray(self.blend.weights) / sum(self.blend.weights)
-        mean_pair = sum(w * float(ds.pair_lengths.mean())
+        # tokens per triplet: a ranked list's candidates count once for all its pairs
+        mean_pair = sum(w * float(ds.document_lengths.sum()) / float(ds.document_pairs.sum())
                         for w, ds in zip(weights, self.train_stream.datasets))
         iters = max(1, math.ceil(c.train_tokens / (d.global_batch_size * mean_pair)))
         self.reporter.print(f"--train-tokens {c.train_tokens:.4g}: about {iters} iterations "
@@ -114,6 +115,7 @@ class TrainingData:
                                   dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
                                   pad_id=self.preset.pad_token_id, pad_multiple=self.pad_multiple,
                                   micro_batch_multiple=pp, min_micro_batches=pp,
-                                  uniform_length_per_step=vpp)
+                                  uniform_length_per_step=vpp,
+                                  shared_prefix=d.shared_prefix)
         except ValueError as e:
             raise TrainingStopped(str(e)) from None

@@ -49,6 +49,11 @@ class DataConfig:
         None, help="pairs per micro-batch (instead of a token budget)")
     global_batch_size: Optional[int] = option(
         None, help="triplets (pairs) per optimizer step, over all data-parallel ranks")
+    shared_prefix: bool = option(
+        True, help="pack each pair as its common prefix (prompt and reference) once and its "
+                   "two candidates after it, positions continuing from the prefix: exact, "
+                   "~30%% fewer tokens computed on POLAR's pre-training mix; "
+                   "--no-shared-prefix packs whole sequences as before")
 
     def __post_init__(self):
         if not 0.0 <= self.valid_fraction < 1.0:

@@ -2,14 +2,15 @@
 
 Counted as the model needs them (what MFU means), not as a kernel happens to compute them:
 matmuls of every layer and of the reward head, and causal attention inside each packed
-sequence (sum of L^2 / 2 per sequence, not T^2 per pack). The embedding lookup costs no FLOPs.
+sequence (sum of L^2 / 2 per sequence, not T^2 per pack). Shared-prefix packs count what they
+compute: each prefix once, each candidate's attention over its prefix and itself. The embedding lookup costs no FLOPs.
 Backward = 2 x forward, so a training step is 3 x forward. Recomputation is not counted.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -49,13 +50,24 @@ def matmul_params_per_token(preset: ModelPreset) -> int:
     return preset.num_layers * per_layer + h
 
 
-def training_flops(preset: ModelPreset, sequence_lengths: Iterable[int]) -> float:
-    """FLOPs of forward + backward over sequences of these lengths (packed or not)."""
+def training_flops(preset: ModelPreset, sequence_lengths: Iterable[int],
+                   prefix_lengths: Optional[Iterable[int]] = None) -> float:
+    """FLOPs of forward + backward over sequences (segments) of these lengths, packed or not.
+
+    `prefix_lengths` (shared-prefix packs): keys each segment attends to before its own, its
+    item's prefix for a candidate (0 for a prefix or a plain sequence). The FLOPs are those
+    computed: a shared prefix's tokens once, each candidate's attention over the prefix and,
+    causally, itself; a plain pack of the same pairs counts each prefix per sequence."""
     lengths = list(sequence_lengths)
+    prefixes = [0] * len(lengths) if prefix_lengths is None else list(prefix_lengths)
+    if len(prefixes) != len(lengths):
+        raise ValueError("one prefix length per sequence length")
     tokens = sum(lengths)
     dense = 2.0 * matmul_params_per_token(preset) * tokens
-    # QK^T and AV: 2 matmuls x 2 FLOPs x L^2 x (heads x head_dim), halved by the causal mask.
-    attention = 2.0 * preset.num_layers * preset.hidden_size * sum(L * L for L in lengths)
+    # QK^T and AV: 2 matmuls x 2 FLOPs x (heads x head_dim) per (query, key) pair attended;
+    # a causal segment of L queries after P prefix keys attends to L * P + L^2 / 2 pairs.
+    pairs = sum(L * L + 2 * L * P for L, P in zip(lengths, prefixes)) / 2
+    attention = 4.0 * preset.num_layers * preset.hidden_size * pairs
     return 3.0 * (dense + attention)
 
 

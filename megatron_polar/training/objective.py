@@ -10,6 +10,7 @@ the global batch, whatever the split of pairs across micro-batches and ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -24,13 +25,21 @@ _STATS = ("loss", "correct", "chosen", "rejected", "margin", "pairs")
 _MEANS = ("loss", "accuracy", "reward_chosen", "reward_rejected", "margin")
 
 
-def pairwise_loss(reward_positions: torch.Tensor, token_scores: torch.Tensor):
+def pairwise_loss(reward_positions: torch.Tensor, token_scores: torch.Tensor, *,
+                  pair_index: Optional[torch.Tensor] = None):
     """megatron loss_func: (summed loss, pair count, {"pair_stats": sums}) for one micro-batch.
 
-    `reward_positions` lists s+_0, s-_0, s+_1, s-_1, ... so chosen/rejected alternate.
+    Without `pair_index`, `reward_positions` lists s+_0, s-_0, s+_1, s-_1, ... so chosen and
+    rejected alternate. With it (shared-prefix packs), pair k compares the rewards at
+    reward_positions[pair_index[k, 0]] (better) and [pair_index[k, 1]] (worse): a ranked list's
+    candidates are scored once and enter every pair they belong to.
     """
     rewards = rewards_at(token_scores, reward_positions.to(token_scores.device))
-    chosen, rejected = rewards[0::2], rewards[1::2]
+    if pair_index is None:
+        chosen, rejected = rewards[0::2], rewards[1::2]
+    else:
+        pair_index = pair_index.to(rewards.device)
+        chosen, rejected = rewards[pair_index[:, 0]], rewards[pair_index[:, 1]]
     margin = chosen - rejected
     loss = -F.logsigmoid(margin).sum()
     num_pairs = margin.numel()

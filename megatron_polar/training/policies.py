@@ -79,17 +79,23 @@ class MetricsWindow:
 
     def _restart_clock(self) -> None:
         self.start = time.perf_counter()
-        self.timed_steps = self.tokens = 0
+        self.timed_steps = self.tokens = self.computed = self.pairs = 0
         self.local_flops = 0.0
         self.local_real = self.local_computed = 0  # this rank's tokens, real and padded
 
     def reset(self) -> None:
         self.__init__()
 
-    def add(self, result, tokens: int, local_flops: float, local_computed: int) -> None:
+    def add(self, result, tokens: int, local_flops: float, local_computed: int,
+            computed: Optional[int] = None, pairs: int = 0) -> None:
+        """`tokens`: the step's pairs' tokens in full, all ranks; `computed`: those the model
+        computed (shared prefixes once; default `tokens`); `local_computed`: this rank's
+        packs' lengths, padding included."""
         self.steps += 1
         self.timed_steps += 1
         self.tokens += tokens
+        self.computed += tokens if computed is None else computed
+        self.pairs += pairs
         self.local_flops += local_flops
         self.local_real += result.num_tokens
         self.local_computed += local_computed

@@ -57,8 +57,11 @@ def pair_forward_step(data_iterator, model):
     that reads the rewards at the micro-batch's reward positions."""
     batch: PackedMicroBatch = next(data_iterator)
     scores = forward_scores(model, batch)
+    pair_index = (None if batch.pair_index is None
+                  else batch.pair_index.to(compute_device(), non_blocking=True))
     return scores, partial(pairwise_loss,
-                           batch.reward_positions.to(compute_device(), non_blocking=True))
+                           batch.reward_positions.to(compute_device(), non_blocking=True),
+                           pair_index=pair_index)
 
 
 def guarded_optimizer_step(optimizer, loss_is_finite: bool) -> tuple[bool, Optional[float]]:

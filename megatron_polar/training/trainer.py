@@ -248,10 +248,11 @@ class Trainer:
         s.iteration += 1
         s.consumed_pairs += plan.pairs
         s.consumed_tokens += plan.tokens
-        lengths = [int(n) for mb in micro_batches
-                   for n in (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).tolist()]
-        self.window.add(result, plan.tokens, training_flops(self.preset, lengths),
-                        local_computed=sum(mb.tokens.shape[1] for mb in micro_batches))
+        flops = sum(training_flops(self.preset, *mb.attention_segments())
+                    for mb in micro_batches)
+        self.window.add(result, plan.tokens, flops,
+                        local_computed=sum(mb.tokens.shape[1] for mb in micro_batches),
+                        computed=plan.computed, pairs=plan.pairs)
         self.guard.observe(s.iteration, result)
 
     def _signalled(self) -> bool:
@@ -287,7 +288,11 @@ class Trainer:
         figures = {
             **m, "grad_norm": w.last_grad_norm, "lr": self.scheduler.get_lr(
                 self.optimizer.param_groups[0]),
-            "tokens_per_s": w.tokens / w.seconds, "tflops_per_gpu": tflops_per_gpu,
+            "tokens_per_s": w.tokens / w.seconds,
+            "computed_tokens_per_s": w.computed / w.seconds, "pairs_per_s": w.pairs / w.seconds,
+            # the share of the pairs' tokens a shared-prefix pack did not compute
+            "prefix_saving": 1.0 - w.computed / max(w.tokens, 1),
+            "tflops_per_gpu": tflops_per_gpu,
             "mfu": tflops_per_gpu / peak if peak else None,
             "packing_efficiency": real / max(computed, 1),
             "skipped_steps": self.guard.skipped_steps,
@@ -300,6 +305,9 @@ class Trainer:
                 f"acc {m['accuracy']:.3f} | r+ {m['reward_chosen']:.3f} r- "
                 f"{m['reward_rejected']:.3f} margin {m['margin']:.3f} | grad norm {grad} | "
                 f"lr {figures['lr']:.3e} | {figures['tokens_per_s']:,.0f} tok/s | "
+                f"{figures['pairs_per_s']:,.1f} pairs/s"
+                + (f" (prefix saves {100 * figures['prefix_saving']:.0f}%)"
+                   if figures["prefix_saving"] > 0.005 else "") + " | "
                 f"{tflops_per_gpu:.1f} TFLOP/s/GPU"
                 + (f" | MFU {100 * figures['mfu']:.1f}%" if figures["mfu"] else "")
                 + f" | mem {mem:.1f} GiB | skipped {self.guard.skipped_steps}")

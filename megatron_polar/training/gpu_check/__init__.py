@@ -10,6 +10,9 @@ non-zero when an item failed.
                             (as a pack of one, and padded), per spec and dtype
   flex_attention            the local spec's CUDA attention (`flex_document_attention`) vs
                             per-sequence attention, forward and backward, against an fp64 truth
+  shared_prefix             shared-prefix packs (each pair's and a ranked list's common prefix
+                            once) vs whole-sequence packs: rewards and loss gradients, local
+                            spec fp32/bf16 and TE bf16 (the TE shared-prefix attention's first run)
   fp8_step                  train steps with FP8 (TE, sm90+) vs bf16 on the same batch and weights
   checkpoint_after_overlap  distributed optimizer with overlapped grad reduce / param gather:
                             after `sync_params`, every weight is its owner's fp32 main param cast

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-ITEMS = ("te_parity", "packed_vs_unpacked", "flex_attention", "fp8_step",
+ITEMS = ("te_parity", "packed_vs_unpacked", "flex_attention", "shared_prefix", "fp8_step",
          "checkpoint_after_overlap", "tp_comm_overlap", "peak_memory", "throughput")
 # The items that run when the tool was started at TP > 1; the others assume TP=1 and skip there.
 ITEMS_AT_TP = ("tp_comm_overlap", "peak_memory")
@@ -16,6 +16,7 @@ TITLES = {
     "te_parity": "local spec vs Transformer Engine spec (same weights)",
     "packed_vs_unpacked": "packed THD micro-batch vs each sequence alone",
     "flex_attention": "flex_attention document mask vs per-sequence attention",
+    "shared_prefix": "shared-prefix packs (prefix once) vs plain packs of whole sequences",
     "fp8_step": "FP8 train steps vs bf16 on the same batch",
     "checkpoint_after_overlap": "checkpoint after overlapped distributed-optimizer steps",
     "tp_comm_overlap": "--tp-comm-overlap (TE userbuffers) vs without at TP >= 2",

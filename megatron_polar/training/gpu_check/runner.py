@@ -22,7 +22,8 @@ from megatron_polar.training.gpu_check.common import (ITEMS, ITEMS_AT_TP, NO_GPU
 from megatron_polar.training.gpu_check.env import CheckEnv, free_memory, tf32_enabled
 from megatron_polar.training.gpu_check.fp8_overlap import check_fp8_step, check_tp_comm_overlap
 from megatron_polar.training.gpu_check.parity import (check_flex_attention,
-                                                      check_packed_vs_unpacked, check_te_parity)
+                                                      check_packed_vs_unpacked,
+                                                      check_shared_prefix, check_te_parity)
 from megatron_polar.training.gpu_check.report import (build_report, format_table, jsonable,
                                                       merge_ranks, write_report)
 from megatron_polar.training.gpu_check.throughput import check_peak_memory, check_throughput
@@ -32,6 +33,7 @@ CHECKS: dict[str, Callable] = {
     "te_parity": check_te_parity,
     "packed_vs_unpacked": check_packed_vs_unpacked,
     "flex_attention": check_flex_attention,
+    "shared_prefix": check_shared_prefix,
     "fp8_step": check_fp8_step,
     "checkpoint_after_overlap": check_checkpoint_after_overlap,
     "tp_comm_overlap": check_tp_comm_overlap,
@@ -77,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpu_check.py",
         description="What to run first on a new GPU node: correctness of the GPU paths "
-                    "(TE vs local spec, packing, flex attention, FP8, checkpoint after "
-                    "overlapped steps), peak memory and training throughput / MFU.")
+                    "(TE vs local spec, packing, flex attention, shared-prefix packs, FP8, "
+                    "checkpoint after overlapped steps), peak memory and training "
+                    "throughput / MFU.")
     p.add_argument("--report", default="gpu_check_report.json", help="JSON report path")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run what can run on a CPU (gloo) instead of refusing; for tests")
