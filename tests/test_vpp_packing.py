@@ -143,7 +143,7 @@ def test_sampler_steps_satisfy_the_schedule_and_pad_to_one_length():
     assert ranks[0].state_dict() == plain.state_dict()
     assert set(plain.state_dict()) == {"position", "skipped_oversize", "steps",
                                        "global_batch_size", "token_budget",
-                                       "pairs_per_micro_batch"}
+                                       "pairs_per_micro_batch", "shared_prefix"}
 
 
 def test_without_uniform_length_each_pack_keeps_its_own_length():

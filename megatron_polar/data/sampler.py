@@ -227,7 +227,8 @@ class PackingSampler:
         self.micro_batch_multiple, self.min_micro_batches = micro_batch_multiple, min_micro_batches
         self.uniform_length_per_step = uniform_length_per_step
         self.shared_prefix = shared_prefix
-        self.lists = stream.has_lists
+        # Streams of pairs only (length-only streams of the benchmarks and tests) say nothing.
+        self.lists = getattr(stream, "has_lists", False)
         if self.lists and not (shared_prefix and token_budget is not None):
             raise ValueError(
                 "ranked-list datasets (built with --list-documents) train with shared-prefix "
