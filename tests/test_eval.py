@@ -237,6 +237,12 @@ def test_scorer_in_process(tiny):
                ScoreRecord([{"role": "user", "content": "how"}], "model", "", "pretrain")]
     together = scorer.score(records)
     assert len(set(together)) == 3
+    # A scorer holds the weights only: no DDP (whose fp32 gradient buffer is 4 bytes per
+    # parameter), no gradients, in eval mode, and it stays so after scoring.
+    for chunk in scorer.chunks:
+        params = list(chunk.parameters())
+        assert params and not hasattr(chunk, "zero_grad_buffer") and not chunk.training
+        assert not any(p.requires_grad or hasattr(p, "main_grad") for p in params)
     # Packing does not change a reward; the checkpoint holds the same weights.
     assert [scorer.score([r])[0] for r in records] == pytest.approx(together, abs=1e-5)
     loaded = RewardScorer.from_checkpoint(str(ckpt))

@@ -200,7 +200,7 @@ class RewardScorer:
         weights; a source without a checkpoint is initialised with `run.seed`."""
         from megatron_polar.model.config import ModelRunConfig
         from megatron_polar.runtime.checkpoints import CheckpointError, load_model_weights
-        from megatron_polar.runtime.chunks import build_model_chunks
+        from megatron_polar.runtime.chunks import build_inference_chunks
         from megatron_polar.runtime.parallel import (ParallelLayoutError, parallel_context,
                                                      seed_everything)
 
@@ -223,7 +223,8 @@ class RewardScorer:
             # Seeded right before the build, so the weights depend on the seed alone, not on
             # what consumed random numbers earlier in the process.
             seed_everything(run.seed, ctx)
-        chunks = build_model_chunks(source.preset, run, ctx)
+        # Weights only: no DDP gradient buffer, no gradients (a scorer never trains).
+        chunks = build_inference_chunks(source.preset, run, ctx)
         if source.checkpoint is not None:
             try:
                 load_model_weights(chunks, source.checkpoint)

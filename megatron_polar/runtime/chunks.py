@@ -31,6 +31,31 @@ def build_model_chunks(
     Pass `ddp_config=None` for a DDP with defaults; training configs set overlap and the
     distributed optimizer there.
     """
+    config, chunks = _build_modules(preset, run, ctx, zero_init_head)
+    ddp_config = ddp_config or DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    return [
+        DistributedDataParallel(config, ddp_config, module=chunk,
+                                # Megatron-LM: only the first chunk's buckets overlap with compute.
+                                disable_bucketing=i > 0, pg_collection=ctx.pg)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def build_inference_chunks(preset: ModelPreset, run: ModelRunConfig,
+                           ctx: ParallelContext) -> list[torch.nn.Module]:
+    """This rank's model chunks for scoring only: the weights and nothing else. No DDP (whose
+    fp32 gradient buffer costs 4 bytes per parameter), no gradients (`requires_grad` off), in
+    eval mode. megatron's forward-only schedules take them as they are."""
+    _, chunks = _build_modules(preset, run, ctx, zero_init_head=False)
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+        chunk.eval()
+    return chunks
+
+
+def _build_modules(preset: ModelPreset, run: ModelRunConfig, ctx: ParallelContext,
+                   zero_init_head: bool):
+    """(TransformerConfig, this rank's PolarRewardModel chunks, Float16Module-wrapped in bf16)."""
     use_te = resolve_use_te(run)
     config = build_transformer_config(preset, run, use_te)
     spec = build_layer_spec(use_te)
@@ -49,14 +74,7 @@ def build_model_chunks(
         if run.bf16:
             model = Float16Module(config, model)
         chunks.append(model)
-
-    ddp_config = ddp_config or DistributedDataParallelConfig(grad_reduce_in_fp32=True)
-    return [
-        DistributedDataParallel(config, ddp_config, module=chunk,
-                                # Megatron-LM: only the first chunk's buckets overlap with compute.
-                                disable_bucketing=i > 0, pg_collection=ctx.pg)
-        for i, chunk in enumerate(chunks)
-    ]
+    return config, chunks
 
 
 def unwrap(chunk: torch.nn.Module) -> PolarRewardModel:

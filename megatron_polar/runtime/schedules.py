@@ -73,16 +73,17 @@ def sync_params(chunks) -> None:
 
 @contextlib.contextmanager
 def evaluating(chunks):
-    """The chunks with the last step's weights (`sync_params`), in eval mode, back in train
-    mode afterwards."""
+    """The chunks with the last step's weights (`sync_params`), in eval mode, back in the
+    mode each was in afterwards (a scorer's chunks stay in eval mode)."""
     sync_params(chunks)
+    modes = [chunk.training for chunk in chunks]
     for chunk in chunks:
         chunk.eval()
     try:
         yield
     finally:
-        for chunk in chunks:
-            chunk.train()
+        for chunk, mode in zip(chunks, modes):
+            chunk.train(mode)
 
 
 @torch.no_grad()
