@@ -18,7 +18,7 @@ from megatron.core.datasets import helpers_cpp
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_polar.data.indexed import FORMAT_LISTS, output_paths, read_meta
-from megatron_polar.data.packing import common_prefix_length
+from megatron_polar.data.packing import PrefixItem, common_prefix_length
 
 
 class DatasetError(ValueError):
@@ -79,13 +79,17 @@ class TripletDataset:
         # shared-prefix pack computes it once. Existing datasets need no rebuild.
         self._prefix_lengths = np.full(len(sizes), -1, dtype=np.int32)
 
+    def prefix_length(self, i: int) -> int:
+        """`common_prefix_length` of document i's sequences, read once and cached."""
+        if self._prefix_lengths[i] < 0:
+            self._prefix_lengths[i] = common_prefix_length(self.document(i))
+        return int(self._prefix_lengths[i])
+
     def shared_prefix_length(self, i: int) -> int:
         """Tokens document i takes in a shared-prefix pack: its sequences, their common
         prefix once (each sequence keeps at least its last token of its own)."""
-        if self._prefix_lengths[i] < 0:
-            self._prefix_lengths[i] = common_prefix_length(self.document(i))
         return (int(self.document_lengths[i])
-                - (int(self.doc_sizes[i]) - 1) * int(self._prefix_lengths[i]))
+                - (int(self.doc_sizes[i]) - 1) * self.prefix_length(i))
 
     def __len__(self) -> int:
         """Documents (triplets, or ranked lists)."""
@@ -175,10 +179,6 @@ class TripletStream:
         d, i = self.locate(position)
         return int(self.datasets[d].document_pairs[i])
 
-    def document(self, position: int) -> list[list[int]]:
-        d, i = self.locate(position)
-        return [seq.tolist() for seq in self.datasets[d].document(i)]
-
     @property
     def has_lists(self) -> bool:
         return any(ds.lists for ds in self.datasets)
@@ -186,6 +186,13 @@ class TripletStream:
     def shared_prefix_length(self, position: int) -> int:
         d, i = self.locate(position)
         return self.datasets[d].shared_prefix_length(i)
+
+    def prefix_item(self, position: int) -> PrefixItem:
+        """The document as a shared-prefix item (a pair or a ranked list: every ordered
+        pair), its common prefix taken from the dataset's cache."""
+        d, i = self.locate(position)
+        seqs = [seq.tolist() for seq in self.datasets[d].document(i)]
+        return PrefixItem.from_ranking(seqs, self.datasets[d].prefix_length(i))
 
     def pair(self, position: int) -> tuple[list[int], list[int]]:
         d, i = self.locate(position)

@@ -51,9 +51,10 @@ class PrefixItem:
     pairs: tuple[tuple[int, int], ...]
 
     @classmethod
-    def from_sequences(cls, seqs: Sequence[Sequence[int]],
-                       pairs: Sequence[tuple[int, int]]) -> "PrefixItem":
-        n = common_prefix_length(seqs)
+    def from_sequences(cls, seqs: Sequence[Sequence[int]], pairs: Sequence[tuple[int, int]],
+                       prefix_length: Optional[int] = None) -> "PrefixItem":
+        """`prefix_length`: `common_prefix_length(seqs)` when the caller knows it already."""
+        n = common_prefix_length(seqs) if prefix_length is None else prefix_length
         return cls(list(seqs[0][:n]), tuple(list(s[n:]) for s in seqs), tuple(pairs))
 
     @classmethod
@@ -62,11 +63,13 @@ class PrefixItem:
         return cls.from_sequences(pair, [(0, 1)])
 
     @classmethod
-    def from_ranking(cls, seqs: Sequence[Sequence[int]]) -> "PrefixItem":
+    def from_ranking(cls, seqs: Sequence[Sequence[int]],
+                     prefix_length: Optional[int] = None) -> "PrefixItem":
         """The item of a ranked list (sequences best first): every pair i < j, as the
         triplet expansion of the list orders them."""
         k = len(seqs)
-        return cls.from_sequences(seqs, [(i, j) for i in range(k) for j in range(i + 1, k)])
+        return cls.from_sequences(seqs, [(i, j) for i in range(k) for j in range(i + 1, k)],
+                                  prefix_length)
 
     @property
     def computed_length(self) -> int:
@@ -77,12 +80,6 @@ class PrefixItem:
     def sequence_length(self) -> int:
         """Tokens of its sequences in full (what a plain pack computes)."""
         return len(self.candidates) * len(self.prefix) + sum(len(c) for c in self.candidates)
-
-
-def shared_prefix_length(pair: Pair) -> int:
-    """Tokens a pair takes in a shared-prefix pack."""
-    n = common_prefix_length(pair)
-    return len(pair[0]) + len(pair[1]) - n
 
 
 @dataclass
@@ -258,12 +255,6 @@ def build_shared_micro_batch(items: Sequence[PrefixItem], pad_to: int, pad_id: i
     )
 
 
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differ[0]) if differ.size else n
-
-
 def prefix_groups(sequences: Sequence[Sequence[int]], token_budget: int,
                   min_prefix: int = 16) -> list[list[int]]:
     """Indices of `sequences` grouped to share a common prefix of at least `min_prefix`
@@ -278,8 +269,9 @@ def prefix_groups(sequences: Sequence[Sequence[int]], token_budget: int,
         seq = sequences[i]
         if groups:
             group = groups[-1]
-            shared = min(common, _common_length(sequences[group[-1]], seq),
-                         min(shortest, len(seq)) - 1)
+            # common_prefix_length leaves the two one token each; the group's shortest too
+            shared = min(common, common_prefix_length([sequences[group[-1]], seq]),
+                         shortest - 1)
             # tokens computed: every member in full, less the prefix for all but one
             cost = total + len(seq) - shared * len(group)
             if shared >= min_prefix and cost <= token_budget:
@@ -291,17 +283,37 @@ def prefix_groups(sequences: Sequence[Sequence[int]], token_budget: int,
     return groups
 
 
+def _bins_of_one_length(lengths: Sequence[int], token_budget: int,
+                        pad_multiple: int) -> tuple[list[list[int]], int]:
+    """Best-fit decreasing bins of `lengths` (indices in input order within a bin, so the
+    layout does not depend on sort ties) and the one length every pack is padded to: the
+    longest bin rounded up to `pad_multiple`, at most the budget."""
+    bins = [sorted(b) for b in best_fit_decreasing(lengths, token_budget)]
+    longest = max(sum(lengths[i] for i in b) for b in bins)
+    return bins, max(longest, min(token_budget, -(-longest // pad_multiple) * pad_multiple))
+
+
 def pack_items(items: Sequence[PrefixItem], token_budget: int, pad_id: int,
                pad_multiple: int = 16) -> list[PackedMicroBatch]:
     """`pack_pairs` for shared-prefix items: best-fit decreasing on computed tokens."""
     if not items:
         return []
-    lengths = [item.computed_length for item in items]
-    bins = [sorted(b) for b in best_fit_decreasing(lengths, token_budget)]
-    longest = max(sum(lengths[i] for i in b) for b in bins)
-    pad_to = max(longest, min(token_budget, -(-longest // pad_multiple) * pad_multiple))
+    bins, pad_to = _bins_of_one_length([item.computed_length for item in items], token_budget,
+                                       pad_multiple)
     return [build_shared_micro_batch([items[i] for i in b], pad_to, pad_id, item_ids=b)
             for b in bins]
+
+
+def pack_sequences(sequences: Sequence[Sequence[int]], token_budget: int, pad_id: int,
+                   pad_multiple: int = 16) -> list[tuple[PackedMicroBatch, list[int]]]:
+    """Whole sequences (to score, or a critic's rows) as shared-prefix packs: those sharing a
+    prefix grouped into one item (`prefix_groups`), the items packed (`pack_items`). Returns
+    each pack with the indices of its sequences in the order of its reward positions (the
+    candidates of its items, item after item)."""
+    groups = prefix_groups(sequences, token_budget)
+    items = [PrefixItem.from_sequences([sequences[i] for i in g], ()) for g in groups]
+    return [(pack, [i for item_id in pack.pair_ids for i in groups[item_id]])
+            for pack in pack_items(items, token_budget, pad_id, pad_multiple)]
 
 
 def pack_pairs(pairs: Sequence[Pair], token_budget: int, pad_id: int,
@@ -311,11 +323,8 @@ def pack_pairs(pairs: Sequence[Pair], token_budget: int, pad_id: int,
     at most the budget) so pipeline stages exchange tensors of a fixed shape."""
     if not pairs:
         return []
-    # Indices in input order within a pack, so the layout does not depend on sort ties.
-    bins = [sorted(b) for b in best_fit_decreasing([pair_length(p) for p in pairs], token_budget)]
-    longest = max(sum(pair_length(pairs[i]) for i in b) for b in bins)
-    pad_to = min(token_budget, -(-longest // pad_multiple) * pad_multiple)
-    pad_to = max(pad_to, longest)
+    bins, pad_to = _bins_of_one_length([pair_length(p) for p in pairs], token_budget,
+                                       pad_multiple)
     return [build_packed_micro_batch([pairs[i] for i in b], pad_to, pad_id, pair_ids=b)
             for b in bins]
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_polar.data.dataset import TripletStream
-from megatron_polar.data.packing import (PackedMicroBatch, PrefixItem, best_fit_decreasing,
+from megatron_polar.data.packing import (PackedMicroBatch, best_fit_decreasing,
                                          build_packed_micro_batch, build_shared_micro_batch)
 
 log = logging.getLogger(__name__)
@@ -314,8 +314,7 @@ class PackingSampler:
         data-parallel rank, hence the same packs and the same length."""
         packs = self.next_step_positions()
         if self.shared_prefix:  # a pair or a ranked list: one item, every ordered pair
-            pairs = [[PrefixItem.from_ranking(self.stream.document(p)) for p in positions]
-                     for positions in packs]
+            pairs = [[self.stream.prefix_item(p) for p in positions] for positions in packs]
             totals = [sum(item.computed_length for item in pack) for pack in pairs]
             build = build_shared_micro_batch
         else:

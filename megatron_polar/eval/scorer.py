@@ -135,25 +135,20 @@ def score_sequences(chunks, ctx, sequences: list[list[int]], token_budget: int,
     `shared_prefix`, sequences that share a prefix (several candidates for one prompt and
     reference) are scored as one shared-prefix item, the prefix computed once: the same
     rewards (causal attention), fewer tokens."""
-    from megatron_polar.data.packing import PrefixItem, pack_items, pack_pairs, prefix_groups
+    from megatron_polar.data.packing import pack_pairs, pack_sequences
     from megatron_polar.runtime.schedules import score_packed
 
     if not sequences:
         return []
     if shared_prefix:
         budget = max(token_budget, max(len(s) for s in sequences))
-        groups = prefix_groups(sequences, budget)
-        items = [PrefixItem.from_sequences([sequences[i] for i in g], ()) for g in groups]
-        packs = pack_items(items, budget, pad_id)
-        rewards = score_packed(chunks, packs, ctx)
+        packed = pack_sequences(sequences, budget, pad_id)
+        rewards = score_packed(chunks, [pack for pack, _ in packed], ctx)
         if rewards is None:
             return None
-        out, k = [0.0] * len(sequences), 0
-        for pack in packs:
-            for item_id in pack.pair_ids:
-                for i in groups[item_id]:
-                    out[i] = rewards[k].item()
-                    k += 1
+        out = [0.0] * len(sequences)
+        for i, reward in zip((i for _, members in packed for i in members), rewards.tolist()):
+            out[i] = reward
         return out
     # The packer moves pairs; two sequences make a "pair" here (the last one doubled if odd).
     padded = sequences + ([sequences[-1]] if len(sequences) % 2 else [])

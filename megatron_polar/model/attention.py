@@ -351,11 +351,19 @@ def flex_document_attention(q, k, v, cu_seqlens, scale, gqa, compile: bool = Tru
     end padding (it also keeps blocks whole, which not every flex backend handles partially).
     `compile=False` runs flex's eager reference, which the CPU tests use to check the mask.
     """
+    return _bucketed_flex(q, k, v, lambda padded: document_block_mask(cu_seqlens, padded),
+                          scale, gqa, compile)
+
+
+def _bucketed_flex(q, k, v, block_mask_for, scale, gqa, compile: bool):
+    """flex_attention of q [1, np, t, hn] over k/v [1, ng, t, hn] at the `flex_bucket` length
+    (the tail up to it is end padding), with the block mask `block_mask_for(padded)`;
+    compiled, or flex's eager reference with `compile=False`."""
     total = q.shape[2]
     padded = flex_bucket(total)
     if padded != total:
         q, k, v = (F.pad(x, (0, 0, 0, padded - total)) for x in (q, k, v))
-    block_mask = document_block_mask(cu_seqlens, padded)
+    block_mask = block_mask_for(padded)
     if compile:
         attend = _compiled_flex()
     else:
@@ -418,14 +426,8 @@ def flex_shared_prefix_attention(q, k, v, params: SharedPrefixParams, scale, gqa
                                  compile: bool = True):
     """Shared-prefix attention with flex_attention (CUDA path; `compile=False` runs flex's
     eager reference for the CPU tests). Runs at the `flex_bucket` length, as the plain path."""
-    total = q.shape[2]
-    padded = flex_bucket(total)
-    if padded != total:
-        q, k, v = (F.pad(x, (0, 0, 0, padded - total)) for x in (q, k, v))
-    block_mask = _cached_mask(params.token_item, padded,
-                              lambda: _build_shared_prefix_block_mask(params, padded))
-    attend = _compiled_flex() if compile else None
-    if attend is None:
-        from torch.nn.attention.flex_attention import flex_attention as attend
-    out = attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-    return out[:, :, :total]
+    def block_mask_for(padded):
+        return _cached_mask(params.token_item, padded,
+                            lambda: _build_shared_prefix_block_mask(params, padded))
+
+    return _bucketed_flex(q, k, v, block_mask_for, scale, gqa, compile)

@@ -85,7 +85,12 @@ class SharedPrefixParams(PackedSeqParams):
     token_item: Optional[torch.Tensor] = None
     token_segment: Optional[torch.Tensor] = None
     token_is_prefix: Optional[torch.Tensor] = None
-    max_position: int = 0  # the largest position id + 1 (RoPE's reach)
+
+    @property
+    def max_position(self) -> int:
+        """The largest position id + 1 (RoPE's reach): a segment's gathered keys run from
+        position 0 (its prefix's first token) to its own last token."""
+        return self.max_seqlen_kv_gathered
 
 
 def shared_prefix_params(items: Sequence[tuple[int, Sequence[int]]], total: int,
@@ -115,7 +120,6 @@ def shared_prefix_params(items: Sequence[tuple[int, Sequence[int]]], total: int,
     chunk = torch.arange(total - real) // PAD_CHUNK
     item[real:] = len(items) + chunk
     segment[real:] = len(segs) + chunk
-    max_position = max([s.kv_length for s in segs], default=1)  # padding sits at position 0
     longest = max([b - a for a, b in zip(bounds[:-1], bounds[1:])] + [total - bounds[-2]])
     move = (lambda t: t.to(device, non_blocking=True)) if device is not None else (lambda t: t)
     cu_d, padded_d = move(cu), move(padded)
@@ -126,7 +130,7 @@ def shared_prefix_params(items: Sequence[tuple[int, Sequence[int]]], total: int,
         segments=tuple(segs),
         kv_index=move(torch.tensor(kv_index, dtype=torch.int64)),
         cu_seqlens_kv_gathered=move(torch.tensor(kv_bounds, dtype=torch.int32)),
-        max_seqlen_kv_gathered=max(s.kv_length for s in segs),
+        # padding sits at position 0; a pack without segments (none is built) reaches 1
+        max_seqlen_kv_gathered=max([s.kv_length for s in segs], default=1),
         token_item=move(item), token_segment=move(segment), token_is_prefix=move(is_prefix),
-        max_position=max_position,
     )

@@ -91,7 +91,7 @@ def _layout(params: SharedPrefixParams, total_q: int):
         raise ValueError(f"the pack holds {real} real tokens but attention got {total_q} rows")
     kv_index, cu_q, cu_kv = params.kv_index, params.cu_seqlens_q, params.cu_seqlens_kv_gathered
     longest_q = max(s.end - s.start for s in params.segments)
-    longest_kv = max(s.kv_length for s in params.segments)
+    longest_kv = params.max_seqlen_kv_gathered
     if pad:
         chunks = -(-pad // PAD_CHUNK)
         ends = torch.arange(1, chunks + 1, dtype=torch.int32, device=cu_q.device) * PAD_CHUNK

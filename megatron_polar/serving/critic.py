@@ -106,7 +106,7 @@ def pack_rows(rows: Sequence[Sequence[int]], token_budget: int, pad_id: int,
     into shared-prefix items, packed best-fit into packs of at most `token_budget` tokens
     (rounded down to a multiple of `pad_multiple`; a row longer than that gets a pack of its
     own), all padded to one length, a multiple of `pad_multiple`."""
-    from megatron_polar.data.packing import PrefixItem, pack_items, prefix_groups
+    from megatron_polar.data.packing import pack_sequences
 
     keep = [i for i, r in enumerate(rows) if len(r) > 0]
     if not keep:
@@ -114,19 +114,16 @@ def pack_rows(rows: Sequence[Sequence[int]], token_budget: int, pad_id: int,
     seqs = [list(rows[i]) for i in keep]
     longest = max(len(s) for s in seqs)
     budget = max(token_budget // pad_multiple, -(-longest // pad_multiple)) * pad_multiple
-    groups = prefix_groups(seqs, budget)
-    items = [PrefixItem.from_sequences([seqs[i] for i in g], ()) for g in groups]
     out = []
-    for pack in pack_items(items, budget, pad_id, pad_multiple=pad_multiple):
-        members, positions, at = [], [], 0
-        for item_id, (p, cands) in zip(pack.pair_ids, pack.items):
+    for pack, members in pack_sequences(seqs, budget, pad_id, pad_multiple):
+        positions, at = [], 0
+        for p, cands in pack.items:
             prefix = np.arange(at, at + p, dtype=np.int64)
             at += p
-            for i, c in zip(groups[item_id], cands):
-                members.append(keep[i])
+            for c in cands:
                 positions.append(np.concatenate([prefix, np.arange(at, at + c, dtype=np.int64)]))
                 at += c
-        out.append(RowPack(pack, members, positions))
+        out.append(RowPack(pack, [keep[i] for i in members], positions))
     return out
 
 

@@ -95,6 +95,12 @@ def loss_gradients(chunks, batch) -> dict:
     rewards = rewards_at(scores, batch.reward_positions.to(device))
     loss = -F.logsigmoid(rewards[0::2] - rewards[1::2]).sum()
     loss.backward()
+    return collect_gradients(chunks)
+
+
+def collect_gradients(chunks) -> dict:
+    """Every weight gradient (fp32 copies, by checkpoint key) from megatron DDP's `main_grad`
+    buffers (or `.grad`), then the buffers zeroed."""
     grads = {}
     for key, param in keyed_tensors(chunks).items():
         grad = getattr(param, "main_grad", None)
@@ -102,8 +108,21 @@ def loss_gradients(chunks, batch) -> dict:
             grad = param.grad
         if grad is not None:
             grads[key] = grad.detach().float().clone()
-    chunk.zero_grad_buffer()
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
     return grads
+
+
+def gradient_errors(got: dict, ref: dict) -> tuple[float, dict]:
+    """(whole-model relative L2 error, {key: the tensor's relative error}) of `got` vs `ref`."""
+    num = den = 0.0
+    per = {}
+    for key, r in ref.items():
+        d = (got[key].double() - r.double().to(got[key].device)).norm().item()
+        n = r.double().norm().item()
+        num, den = num + d * d, den + n * n
+        per[key] = d / max(n, 1e-30)
+    return math.sqrt(num) / max(math.sqrt(den), 1e-30), per
 
 
 def compare_gradients(findings: Findings, name: str, got: dict, ref: dict, tol: float) -> None:
@@ -112,14 +131,7 @@ def compare_gradients(findings: Findings, name: str, got: dict, ref: dict, tol: 
         findings.fail(f"{name}: gradients of different tensors "
                       f"({sorted(set(got) ^ set(ref))[:3]})")
         return
-    num = den = 0.0
-    per_param = {}
-    for key in ref:
-        d = (got[key].double() - ref[key].double().to(got[key].device)).norm().item()
-        r = ref[key].double().norm().item()
-        num, den = num + d * d, den + r * r
-        per_param[key] = d / max(r, 1e-30)
-    total = math.sqrt(num) / max(math.sqrt(den), 1e-30)
+    total, per_param = gradient_errors(got, ref)
     worst = sorted(per_param.items(), key=lambda kv: -kv[1])[:3]
     findings.figures[name] = {"rel_err": total, "tol": tol, "tensors": len(ref),
                               "worst_tensors": {k: v for k, v in worst},

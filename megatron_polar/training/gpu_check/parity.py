@@ -285,28 +285,7 @@ def _step_gradients(env: CheckEnv, chunks, packs) -> dict:
         chunk.zero_grad_buffer()
         chunk.train()
     run_schedule(chunks, packs, forward_only=False, ctx=env.ctx, forward_step=pair_forward_step)
-    grads = {}
-    for key, param in models.keyed_tensors(chunks).items():
-        grad = getattr(param, "main_grad", None)
-        if grad is None:
-            grad = param.grad
-        if grad is not None:
-            grads[key] = grad.detach().float().clone()
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    return grads
-
-
-def _gradient_errors(got: dict, ref: dict) -> tuple[float, dict]:
-    """(whole-model relative L2 error, {key: the tensor's relative error})."""
-    num = den = 0.0
-    per = {}
-    for key, r in ref.items():
-        d = (got[key].double() - r.double().to(got[key].device)).norm().item()
-        n = r.double().norm().item()
-        num, den = num + d * d, den + n * n
-        per[key] = d / max(n, 1e-30)
-    return math.sqrt(num) / max(math.sqrt(den), 1e-30), per
+    return models.collect_gradients(chunks)
 
 
 def _judge_against_truth(env: CheckEnv, f: Findings, name: str, shared: dict, plain: dict,
@@ -318,13 +297,13 @@ def _judge_against_truth(env: CheckEnv, f: Findings, name: str, shared: dict, pl
         f.fail(f"{name}: gradients of different tensors "
                f"({sorted((set(shared) | set(plain)) ^ set(truth))[:3]})")
         return
-    err_shared, per_shared = _gradient_errors(shared, truth)
-    err_plain, _ = _gradient_errors(plain, truth)
+    err_shared, per_shared = models.gradient_errors(shared, truth)
+    err_plain, _ = models.gradient_errors(plain, truth)
     bound = max(FLEX_RATIO * err_plain, FLEX_FLOOR["bf16_grad"]) * env.tolerance_scale
     worst = sorted(per_shared.items(), key=lambda kv: -kv[1])[:3]
     f.figures[name] = {"shared_rel_err_vs_fp32": err_shared,
                        "plain_rel_err_vs_fp32": err_plain, "bound": bound,
-                       "shared_vs_plain_rel_err": _gradient_errors(shared, plain)[0],
+                       "shared_vs_plain_rel_err": models.gradient_errors(shared, plain)[0],
                        "tensors": len(truth), "worst_tensors": dict(worst),
                        "per_tensor_bound": PER_PARAM_FACTOR * bound,
                        "truth": "local spec in fp32" + (" (TF32 GEMMs)" if env.tf32 else "")}
